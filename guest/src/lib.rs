@@ -1,0 +1,1 @@
+//! osso-guest: builds and locates the Osso guest image.

@@ -1,0 +1,1 @@
+//! osso-sdk: what applications use.

@@ -1,0 +1,1 @@
+//! Network backends for virtio-net: the user-mode stack, TAP, none.
