@@ -64,6 +64,67 @@ impl KeyHasher {
     }
 }
 
+/// Every input of an image, as the keys see them.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// The kernel source's identity (tarball sha256, or path + version).
+    pub kernel_source: &'a str,
+    /// The kernel patches: (name, contents), in order.
+    pub patches: &'a [(&'a str, &'a str)],
+    pub kernel_fragment: &'a str,
+    pub toybox_source: &'a str,
+    pub toybox_fragment: &'a str,
+    pub init: &'a str,
+    /// The initramfs layout version.
+    pub layout: u32,
+}
+
+/// The cache keys derived from [`Inputs`]; each covers everything its artifact depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// The unpacked, patched kernel tree.
+    pub kernel_tree: String,
+    /// The configured, built kernel.
+    pub kernel_build: String,
+    /// Toybox, built against the kernel tree's headers.
+    pub toybox: String,
+    /// The finished image.
+    pub image: String,
+}
+
+impl Inputs<'_> {
+    pub fn keys(&self) -> Keys {
+        let mut tree = KeyHasher::new("kernel-tree");
+        tree.field("source", self.kernel_source.as_bytes());
+        for (name, body) in self.patches {
+            tree.field(name, body.as_bytes());
+        }
+        let kernel_tree = tree.finish();
+        let kernel_build = KeyHasher::new("kernel-build")
+            .field("tree", kernel_tree.as_bytes())
+            .field("fragment", self.kernel_fragment.as_bytes())
+            .finish();
+        let toybox = KeyHasher::new("toybox")
+            .field("source", self.toybox_source.as_bytes())
+            .field("fragment", self.toybox_fragment.as_bytes())
+            .field("kernel-headers", kernel_tree.as_bytes())
+            .field("cc", b"musl-gcc -Os --static")
+            .finish();
+        let image = KeyHasher::new("image")
+            .field("kernel", kernel_build.as_bytes())
+            .field("toybox", toybox.as_bytes())
+            .field("init", self.init.as_bytes())
+            .field("layout", &self.layout.to_le_bytes())
+            .finish();
+        Keys {
+            kernel_tree,
+            kernel_build,
+            toybox,
+            image,
+        }
+    }
+}
+
 /// The sha256 of a file's contents, as hex.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut f = fs::File::open(path)?;
@@ -142,6 +203,44 @@ mod tests {
         let mut y = KeyHasher::new("d");
         y.field("f", b"a").field("g", b"bc");
         assert_ne!(x.finish(), y.finish());
+    }
+
+    #[test]
+    fn changing_any_one_input_changes_the_image_key() {
+        let patches = [("p1", "a"), ("p2", "b")];
+        let base = Inputs {
+            kernel_source: "k",
+            patches: &patches,
+            kernel_fragment: "CONFIG_A=y",
+            toybox_source: "t",
+            toybox_fragment: "CONFIG_SH=y",
+            init: "#!/bin/sh",
+            layout: 1,
+        };
+        let k = base.keys();
+        assert_eq!(k, base.keys());
+        let other_patch = [("p1", "a"), ("p2", "c")];
+        let renamed_patch = [("p1", "a"), ("p3", "b")];
+        let fewer_patches = [("p1", "a")];
+        let variants = [
+            Inputs { kernel_source: "k2", ..base },
+            Inputs { patches: &other_patch, ..base },
+            Inputs { patches: &renamed_patch, ..base },
+            Inputs { patches: &fewer_patches, ..base },
+            Inputs { kernel_fragment: "CONFIG_A=n", ..base },
+            Inputs { toybox_source: "t2", ..base },
+            Inputs { toybox_fragment: "CONFIG_LS=y", ..base },
+            Inputs { init: "#!/bin/sh\n", ..base },
+            Inputs { layout: 2, ..base },
+        ];
+        for (i, v) in variants.iter().enumerate() {
+            assert_ne!(v.keys().image, k.image, "variant {i} kept the image key");
+        }
+        // Narrower keys move only with their own inputs: the init script does not
+        // rebuild the kernel, the kernel fragment does not rebuild Toybox.
+        assert_eq!(variants[7].keys().kernel_build, k.kernel_build);
+        assert_eq!(variants[4].keys().toybox, k.toybox);
+        assert_ne!(variants[1].keys().toybox, k.toybox, "patched headers rebuild Toybox");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cache::KeyHasher;
+use crate::cache::Keys;
 use crate::error::{Error, Result};
 use crate::sources::{self, Resolved};
 use crate::steps::{self, ProgressMode};
@@ -45,22 +45,9 @@ pub struct Kernel {
     pub config: PathBuf,
 }
 
-/// The keys of the patched tree and of the build, computed without touching disk.
-pub fn keys(src: &Resolved) -> (String, String) {
-    let mut tree = KeyHasher::new("kernel-tree");
-    tree.field("source", src.identity.as_bytes());
-    for (name, body) in PATCHES {
-        tree.field(name, body.as_bytes());
-    }
-    let tree_key = tree.finish();
-    let mut build = KeyHasher::new("kernel-build");
-    build.field("tree", tree_key.as_bytes()).field("fragment", FRAGMENT.as_bytes());
-    (tree_key, build.finish())
-}
-
-/// Builds (or reuses) the kernel from `src`.
-pub fn build(src: &Resolved, root: &Path, jobs: usize, mode: ProgressMode) -> Result<Kernel> {
-    let (tree_key, build_key) = keys(src);
+/// Builds (or reuses) the kernel from `src`, under the keys of [`crate::cache::Keys`].
+pub fn build(src: &Resolved, keys: &Keys, root: &Path, jobs: usize, mode: ProgressMode) -> Result<Kernel> {
+    let (tree_key, build_key) = (keys.kernel_tree.clone(), keys.kernel_build.clone());
     let tree = root.join("src").join(format!("linux-{tree_key}"));
     let out = root.join("build").join(format!("kernel-{build_key}"));
     let log = out.join("build.log");

@@ -30,7 +30,6 @@ pub use manifest::Manifest;
 pub use sources::SourceSpec;
 pub use steps::ProgressMode;
 
-use cache::KeyHasher;
 
 /// Settings for building or finding an image.
 #[derive(Debug, Clone)]
@@ -117,7 +116,7 @@ pub fn find(opts: &BuildOptions) -> Result<Image> {
     let no_image = || Error::NoImage(root.clone());
     let kernel_src = sources::offline(&opts.kernel_source, root, sources::Component::Kernel).ok_or_else(no_image)?;
     let toybox_src = sources::offline(&opts.toybox_source, root, sources::Component::Toybox).ok_or_else(no_image)?;
-    let dir = image_dir(root, &image_key(&kernel_src, &toybox_src));
+    let dir = image_dir(root, &inputs(&kernel_src, &toybox_src).keys().image);
     if !dir.join("manifest.json").exists() {
         return Err(no_image());
     }
@@ -141,7 +140,8 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
     tools::ensure(opts.install_missing, &root.join("logs/tools.log"), mode)?;
     let kernel_src = sources::kernel(&opts.kernel_source, root, opts.install_missing, mode)?;
     let toybox_src = sources::toybox(&opts.toybox_source, root, mode)?;
-    let key = image_key(&kernel_src, &toybox_src);
+    let keys = inputs(&kernel_src, &toybox_src).keys();
+    let key = keys.image.clone();
     let dir = image_dir(root, &key);
     if dir.join("manifest.json").exists() {
         return Ok(Image {
@@ -151,9 +151,8 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
         });
     }
     eprintln!("osso-guest: building image {key} in {}", dir.display());
-    let (tree_key, _) = kernel::keys(&kernel_src);
-    let k = kernel::build(&kernel_src, root, opts.jobs, mode)?;
-    let t = toybox::build(&toybox_src, &k, &tree_key, root, mode)?;
+    let k = kernel::build(&kernel_src, &keys, root, opts.jobs, mode)?;
+    let t = toybox::build(&toybox_src, &keys.toybox, &k, root, mode)?;
 
     let staging = root.join("images").join(format!(".{key}.{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
@@ -217,15 +216,17 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
     })
 }
 
-/// The image key: the kernel build, the Toybox build, the init script and the layout.
-fn image_key(kernel_src: &sources::Resolved, toybox_src: &sources::Resolved) -> String {
-    let (tree_key, kernel_key) = kernel::keys(kernel_src);
-    let mut h = KeyHasher::new("image");
-    h.field("kernel", kernel_key.as_bytes())
-        .field("toybox", toybox::key(toybox_src, &tree_key).as_bytes())
-        .field("init", initramfs::INIT.as_bytes())
-        .field("layout", &initramfs::LAYOUT_VERSION.to_le_bytes());
-    h.finish()
+/// Every input of the image built from these sources.
+fn inputs<'a>(kernel_src: &'a sources::Resolved, toybox_src: &'a sources::Resolved) -> cache::Inputs<'a> {
+    cache::Inputs {
+        kernel_source: &kernel_src.identity,
+        patches: kernel::PATCHES,
+        kernel_fragment: kernel::FRAGMENT,
+        toybox_source: &toybox_src.identity,
+        toybox_fragment: toybox::FRAGMENT,
+        init: initramfs::INIT,
+        layout: initramfs::LAYOUT_VERSION,
+    }
 }
 
 fn image_dir(root: &Path, key: &str) -> PathBuf {

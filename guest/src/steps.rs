@@ -6,7 +6,7 @@
 //! build, and an error names that log and quotes its last lines.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -68,6 +68,12 @@ pub fn run(mode: ProgressMode, what: &str, cmd: &mut Command, log: &Path) -> Res
     let _ = writeln!(logf, "$ {cmd:?}");
     tracing::debug!(?cmd, "running");
     let pb = spinner(mode, what);
+    // Spinners are invisible off a terminal (CI logs): say what runs instead.
+    let plain = mode == ProgressMode::Bars && !std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    if plain {
+        eprintln!("osso-guest: {what} ...");
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -103,6 +109,9 @@ pub fn run(mode: ProgressMode, what: &str, cmd: &mut Command, log: &Path) -> Res
         let _ = p.join();
     }
     pb.finish_and_clear();
+    if plain {
+        eprintln!("osso-guest: {what}: {status} after {:.1}s", started.elapsed().as_secs_f64());
+    }
     if status.success() {
         Ok(())
     } else {

@@ -19,6 +19,7 @@ const TOOLS: &[(&str, Probe, &str)] = &[
     ("bc", Probe::Bin("bc"), "bc"),
     ("perl", Probe::Bin("perl"), "perl"),
     ("patch", Probe::Bin("patch"), "patch"),
+    ("rsync", Probe::Bin("rsync"), "rsync"),
     ("strip", Probe::Bin("strip"), "binutils"),
     ("readelf", Probe::Bin("readelf"), "binutils"),
     ("musl-gcc", Probe::Bin("musl-gcc"), "musl-tools"),

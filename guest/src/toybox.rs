@@ -5,7 +5,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cache::KeyHasher;
 use crate::error::{Error, Result};
 use crate::kernel::{check_config, Kernel};
 use crate::sources::{self, Resolved};
@@ -37,19 +36,9 @@ pub fn required_commands() -> Vec<String> {
         .collect()
 }
 
-/// The build's cache key: the source, the fragment, and the kernel headers.
-pub fn key(src: &Resolved, kernel_tree_key: &str) -> String {
-    let mut h = KeyHasher::new("toybox");
-    h.field("source", src.identity.as_bytes())
-        .field("fragment", FRAGMENT.as_bytes())
-        .field("kernel-headers", kernel_tree_key.as_bytes())
-        .field("cc", b"musl-gcc -Os --static");
-    h.finish()
-}
-
 /// Builds (or reuses) Toybox.
-pub fn build(src: &Resolved, kernel: &Kernel, kernel_tree_key: &str, root: &Path, mode: ProgressMode) -> Result<Toybox> {
-    let key = key(src, kernel_tree_key);
+pub fn build(src: &Resolved, key: &str, kernel: &Kernel, root: &Path, mode: ProgressMode) -> Result<Toybox> {
+    let key = key.to_string();
     let tree = root.join("build").join(format!("toybox-{key}"));
     let binary = tree.join("toybox");
     let done = tree.join(".osso-built");
@@ -84,7 +73,6 @@ pub fn build(src: &Resolved, kernel: &Kernel, kernel_tree_key: &str, root: &Path
                 .env("CC", "musl-gcc")
                 .env("LDFLAGS", "--static")
                 .env("CFLAGS", format!("-I{} -Os", kernel.headers.display()))
-                .env("V", "1")
                 .current_dir(&tree),
             &log,
         )?;
