@@ -223,14 +223,38 @@ mod tests {
         let renamed_patch = [("p1", "a"), ("p3", "b")];
         let fewer_patches = [("p1", "a")];
         let variants = [
-            Inputs { kernel_source: "k2", ..base },
-            Inputs { patches: &other_patch, ..base },
-            Inputs { patches: &renamed_patch, ..base },
-            Inputs { patches: &fewer_patches, ..base },
-            Inputs { kernel_fragment: "CONFIG_A=n", ..base },
-            Inputs { toybox_source: "t2", ..base },
-            Inputs { toybox_fragment: "CONFIG_LS=y", ..base },
-            Inputs { init: "#!/bin/sh\n", ..base },
+            Inputs {
+                kernel_source: "k2",
+                ..base
+            },
+            Inputs {
+                patches: &other_patch,
+                ..base
+            },
+            Inputs {
+                patches: &renamed_patch,
+                ..base
+            },
+            Inputs {
+                patches: &fewer_patches,
+                ..base
+            },
+            Inputs {
+                kernel_fragment: "CONFIG_A=n",
+                ..base
+            },
+            Inputs {
+                toybox_source: "t2",
+                ..base
+            },
+            Inputs {
+                toybox_fragment: "CONFIG_LS=y",
+                ..base
+            },
+            Inputs {
+                init: "#!/bin/sh\n",
+                ..base
+            },
             Inputs { layout: 2, ..base },
         ];
         for (i, v) in variants.iter().enumerate() {
@@ -240,7 +264,11 @@ mod tests {
         // rebuild the kernel, the kernel fragment does not rebuild Toybox.
         assert_eq!(variants[7].keys().kernel_build, k.kernel_build);
         assert_eq!(variants[4].keys().toybox, k.toybox);
-        assert_ne!(variants[1].keys().toybox, k.toybox, "patched headers rebuild Toybox");
+        assert_ne!(
+            variants[1].keys().toybox,
+            k.toybox,
+            "patched headers rebuild Toybox"
+        );
     }
 
     #[test]
@@ -253,6 +281,9 @@ mod tests {
         assert!(dir.path().join("file-ids.json").exists());
         assert_eq!(file_identity(dir.path(), &f).unwrap(), id);
         fs::write(&f, b"hello, world").unwrap();
-        assert_eq!(file_identity(dir.path(), &f).unwrap(), sha256_bytes(b"hello, world"));
+        assert_eq!(
+            file_identity(dir.path(), &f).unwrap(),
+            sha256_bytes(b"hello, world")
+        );
     }
 }

@@ -102,7 +102,13 @@ impl Archive {
     }
 
     /// Adds a character device node.
-    pub fn char_dev(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> Result<(), CpioError> {
+    pub fn char_dev(
+        &mut self,
+        path: &str,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), CpioError> {
         self.add(path, EntryKind::CharDev { major, minor }, mode)
     }
 
@@ -127,7 +133,8 @@ impl Archive {
                 mode: type_bits | entry.mode,
                 nlink,
                 mtime: self.mtime,
-                filesize: u32::try_from(data.len()).map_err(|_| CpioError::TooLarge(path.clone()))?,
+                filesize: u32::try_from(data.len())
+                    .map_err(|_| CpioError::TooLarge(path.clone()))?,
                 rdevmajor: rdev.0,
                 rdevminor: rdev.1,
             };
@@ -175,11 +182,19 @@ fn write_entry<W: Write>(
 ) -> Result<usize, CpioError> {
     let namesize = name.len() + 1;
     let fields = [
-        h.ino, h.mode, 0, // uid
+        h.ino,
+        h.mode,
+        0, // uid
         0, // gid
-        h.nlink, h.mtime, h.filesize, 0, // devmajor
+        h.nlink,
+        h.mtime,
+        h.filesize,
+        0, // devmajor
         0, // devminor
-        h.rdevmajor, h.rdevminor, namesize as u32, 0, // check
+        h.rdevmajor,
+        h.rdevminor,
+        namesize as u32,
+        0, // check
     ];
     let mut buf = String::with_capacity(110);
     buf.push_str(MAGIC);
@@ -230,11 +245,13 @@ mod tests {
     fn sample() -> Archive {
         let mut a = Archive::new(0);
         a.dir("bin", 0o755).unwrap();
-        a.file("bin/toybox", 0o755, b"\x7fELF not really".to_vec()).unwrap();
+        a.file("bin/toybox", 0o755, b"\x7fELF not really".to_vec())
+            .unwrap();
         a.symlink("bin/sh", "toybox").unwrap();
         a.dir("dev", 0o755).unwrap();
         a.char_dev("dev/console", 0o600, 5, 1).unwrap();
-        a.file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec()).unwrap();
+        a.file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec())
+            .unwrap();
         a.file("empty", 0o644, Vec::new()).unwrap();
         a
     }
@@ -269,7 +286,15 @@ mod tests {
         let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
         assert_eq!(
             names,
-            ["bin", "bin/sh", "bin/toybox", "dev", "dev/console", "empty", "init"]
+            [
+                "bin",
+                "bin/sh",
+                "bin/toybox",
+                "dev",
+                "dev/console",
+                "empty",
+                "init"
+            ]
         );
         for s in &seen {
             assert_eq!((s.2, s.3, s.4), (0, 0, 0), "uid/gid/mtime of {}", s.0);
@@ -302,7 +327,11 @@ mod tests {
         let bytes = sample().to_bytes().unwrap();
         child.stdin.take().unwrap().write_all(&bytes).unwrap();
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "cpio -t failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cpio -t failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_string)
@@ -316,11 +345,13 @@ mod tests {
         let a = sample().to_bytes().unwrap();
         let mut b = Archive::new(0);
         b.file("empty", 0o644, Vec::new()).unwrap();
-        b.file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec()).unwrap();
+        b.file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec())
+            .unwrap();
         b.char_dev("dev/console", 0o600, 5, 1).unwrap();
         b.dir("dev", 0o755).unwrap();
         b.symlink("bin/sh", "toybox").unwrap();
-        b.file("bin/toybox", 0o755, b"\x7fELF not really".to_vec()).unwrap();
+        b.file("bin/toybox", 0o755, b"\x7fELF not really".to_vec())
+            .unwrap();
         b.dir("bin", 0o755).unwrap();
         assert_eq!(a, b.to_bytes().unwrap());
         assert_eq!(a.len() % 4, 0);
@@ -330,7 +361,10 @@ mod tests {
     fn bad_and_duplicate_paths_are_refused() {
         let mut a = Archive::new(0);
         for bad in ["", "/", "a/../b", "a//b", "./x", "nul\0"] {
-            assert!(matches!(a.dir(bad, 0o755), Err(CpioError::BadPath(_))), "{bad:?}");
+            assert!(
+                matches!(a.dir(bad, 0o755), Err(CpioError::BadPath(_))),
+                "{bad:?}"
+            );
         }
         a.dir("/etc", 0o755).unwrap();
         assert!(matches!(a.dir("etc", 0o755), Err(CpioError::Duplicate(_))));

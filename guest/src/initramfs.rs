@@ -44,7 +44,9 @@ pub fn assemble(toybox: Vec<u8>, commands: &[String], init: &str) -> Result<Arch
 
 /// Gzip with a fixed header (no name, mtime 0), so equal input gives equal output.
 pub fn gzip(data: &[u8]) -> Result<Vec<u8>> {
-    let mut enc = GzBuilder::new().mtime(0).write(Vec::new(), Compression::best());
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::best());
     enc.write_all(data)
         .and_then(|_| enc.finish())
         .map_err(|e| Error::Check(format!("gzip: {e}")))
@@ -56,14 +58,26 @@ mod tests {
     use std::io::Read;
 
     fn cmds() -> Vec<String> {
-        ["sh", "ping", "toybox", "["].iter().map(|s| s.to_string()).collect()
+        ["sh", "ping", "toybox", "["]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
     fn layout_has_init_console_and_links() {
         let a = assemble(b"TOYBOX".to_vec(), &cmds(), INIT).unwrap();
         let names: Vec<&str> = a.entries().map(|(p, _)| p).collect();
-        for n in ["init", "dev/console", "bin/toybox", "bin/sh", "bin/ping", "bin/[", "proc", "sys"] {
+        for n in [
+            "init",
+            "dev/console",
+            "bin/toybox",
+            "bin/sh",
+            "bin/ping",
+            "bin/[",
+            "proc",
+            "sys",
+        ] {
             assert!(names.contains(&n), "{n} missing: {names:?}");
         }
         assert!(!names.contains(&"bin/toybox/toybox"));
@@ -71,13 +85,33 @@ mod tests {
 
     #[test]
     fn same_inputs_same_bytes_and_gzip_round_trips() {
-        let a = gzip(&assemble(b"TOYBOX".to_vec(), &cmds(), INIT).unwrap().to_bytes().unwrap()).unwrap();
-        let b = gzip(&assemble(b"TOYBOX".to_vec(), &cmds(), INIT).unwrap().to_bytes().unwrap()).unwrap();
+        let a = gzip(
+            &assemble(b"TOYBOX".to_vec(), &cmds(), INIT)
+                .unwrap()
+                .to_bytes()
+                .unwrap(),
+        )
+        .unwrap();
+        let b = gzip(
+            &assemble(b"TOYBOX".to_vec(), &cmds(), INIT)
+                .unwrap()
+                .to_bytes()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(a, b);
-        let c = gzip(&assemble(b"TOYBOX2".to_vec(), &cmds(), INIT).unwrap().to_bytes().unwrap()).unwrap();
+        let c = gzip(
+            &assemble(b"TOYBOX2".to_vec(), &cmds(), INIT)
+                .unwrap()
+                .to_bytes()
+                .unwrap(),
+        )
+        .unwrap();
         assert_ne!(a, c);
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&a[..]).read_to_end(&mut out).unwrap();
+        flate2::read::GzDecoder::new(&a[..])
+            .read_to_end(&mut out)
+            .unwrap();
         assert!(out.starts_with(b"070701"));
     }
 
@@ -101,7 +135,12 @@ mod tests {
         for word in INIT.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
             let parts: Vec<&str> = word.split('.').collect();
             if parts.len() == 4 && parts.iter().all(|p| !p.is_empty()) {
-                assert!(word.starts_with("10.0.2.") || word.starts_with("127.") || word.starts_with("255."), "{word}");
+                assert!(
+                    word.starts_with("10.0.2.")
+                        || word.starts_with("127.")
+                        || word.starts_with("255."),
+                    "{word}"
+                );
             }
         }
     }

@@ -46,7 +46,13 @@ pub struct Kernel {
 }
 
 /// Builds (or reuses) the kernel from `src`, under the keys of [`crate::cache::Keys`].
-pub fn build(src: &Resolved, keys: &Keys, root: &Path, jobs: usize, mode: ProgressMode) -> Result<Kernel> {
+pub fn build(
+    src: &Resolved,
+    keys: &Keys,
+    root: &Path,
+    jobs: usize,
+    mode: ProgressMode,
+) -> Result<Kernel> {
     let (tree_key, build_key) = (keys.kernel_tree.clone(), keys.kernel_build.clone());
     let tree = root.join("src").join(format!("linux-{tree_key}"));
     let out = root.join("build").join(format!("kernel-{build_key}"));
@@ -90,17 +96,32 @@ pub fn build(src: &Resolved, keys: &Keys, root: &Path, jobs: usize, mode: Progre
     steps::run(
         mode,
         "kernel: allnoconfig + fragment",
-        make(&[&format!("KCONFIG_ALLCONFIG={}", fragment.display()), "allnoconfig"]).arg("-s"),
+        make(&[
+            &format!("KCONFIG_ALLCONFIG={}", fragment.display()),
+            "allnoconfig",
+        ])
+        .arg("-s"),
         &log,
     )?;
-    steps::run(mode, "kernel: olddefconfig", make(&["olddefconfig"]).arg("-s"), &log)?;
-    let final_config = fs::read_to_string(&kernel.config).map_err(|e| Error::io(&kernel.config, e))?;
+    steps::run(
+        mode,
+        "kernel: olddefconfig",
+        make(&["olddefconfig"]).arg("-s"),
+        &log,
+    )?;
+    let final_config =
+        fs::read_to_string(&kernel.config).map_err(|e| Error::io(&kernel.config, e))?;
     let missing = check_config(FRAGMENT, &final_config);
     if !missing.is_empty() {
         return Err(Error::ConfigDropped(missing));
     }
     let j = format!("-j{}", jobs.max(1));
-    steps::run(mode, "kernel: make bzImage vmlinux", &mut make(&[&j, "bzImage"]), &log)?;
+    steps::run(
+        mode,
+        "kernel: make bzImage vmlinux",
+        &mut make(&[&j, "bzImage"]),
+        &log,
+    )?;
     steps::run(
         mode,
         "kernel: headers_install",
@@ -110,13 +131,22 @@ pub fn build(src: &Resolved, keys: &Keys, root: &Path, jobs: usize, mode: Progre
         ]),
         &log,
     )?;
-    let version = steps::capture(Command::new("make").arg("-s").arg("-C").arg(&tree).arg("kernelversion"))
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| Error::Check("`make kernelversion` printed nothing".into()))?;
+    let version = steps::capture(
+        Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(&tree)
+            .arg("kernelversion"),
+    )
+    .map(|v| v.trim().to_string())
+    .filter(|v| !v.is_empty())
+    .ok_or_else(|| Error::Check("`make kernelversion` printed nothing".into()))?;
     for f in [&kernel.vmlinux, &kernel.bzimage, &kernel.headers] {
         if !f.exists() {
-            return Err(Error::Check(format!("the kernel build did not produce {}", f.display())));
+            return Err(Error::Check(format!(
+                "the kernel build did not produce {}",
+                f.display()
+            )));
         }
     }
     steps::write_atomic(&done, version.as_bytes())?;
@@ -168,7 +198,9 @@ pub fn check_config(fragment: &str, final_config: &str) -> Vec<String> {
             .and_then(|l| l.strip_suffix(" is not set"))
             .filter(|o| o.starts_with("CONFIG_"))
         {
-            if have.contains(format!("{opt}=y").as_str()) || have.contains(format!("{opt}=m").as_str()) {
+            if have.contains(format!("{opt}=y").as_str())
+                || have.contains(format!("{opt}=m").as_str())
+            {
                 missing.push(line.to_string());
             }
         }
@@ -181,7 +213,11 @@ pub fn strip_vmlinux(vmlinux: &Path, dest: &Path, log: &Path, mode: ProgressMode
     steps::run(
         mode,
         "kernel: strip vmlinux",
-        Command::new("strip").arg("--strip-all").arg("-o").arg(dest).arg(vmlinux),
+        Command::new("strip")
+            .arg("--strip-all")
+            .arg("-o")
+            .arg(dest)
+            .arg(vmlinux),
         log,
     )?;
     let bytes = fs::read(dest).map_err(|e| Error::io(dest, e))?;
@@ -200,8 +236,16 @@ pub fn pvh_entry(elf: &[u8]) -> Option<u64> {
     const PT_NOTE: u32 = 4;
     const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| elf.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
-    let u64_at = |o: usize| elf.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     // ELF64, little-endian.
     if elf.get(0..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
         return None;
@@ -225,7 +269,8 @@ pub fn pvh_entry(elf: &[u8]) -> Option<u64> {
             let name_at = o + 12;
             let desc_at = name_at.checked_add(namesz.checked_add(3)? & !3)?;
             let next = desc_at.checked_add(descsz.checked_add(3)? & !3)?;
-            if ntype == XEN_ELFNOTE_PHYS32_ENTRY && elf.get(name_at..name_at + namesz)? == b"Xen\0" {
+            if ntype == XEN_ELFNOTE_PHYS32_ENTRY && elf.get(name_at..name_at + namesz)? == b"Xen\0"
+            {
                 return match descsz {
                     4 => u32_at(desc_at).map(u64::from),
                     8 => u64_at(desc_at),
@@ -275,7 +320,10 @@ mod tests {
             "# CONFIG_ACPI is not set",
             "# CONFIG_PTP_1588_CLOCK is not set",
         ] {
-            assert!(FRAGMENT.lines().any(|l| l.trim() == opt), "fragment lacks {opt}");
+            assert!(
+                FRAGMENT.lines().any(|l| l.trim() == opt),
+                "fragment lacks {opt}"
+            );
         }
     }
 

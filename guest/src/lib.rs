@@ -16,6 +16,7 @@ pub mod error;
 pub mod initramfs;
 pub mod kernel;
 pub mod manifest;
+pub mod qemu;
 pub mod sources;
 pub mod steps;
 pub mod tools;
@@ -29,7 +30,6 @@ pub use error::{Error, Result};
 pub use manifest::Manifest;
 pub use sources::SourceSpec;
 pub use steps::ProgressMode;
-
 
 /// Settings for building or finding an image.
 #[derive(Debug, Clone)]
@@ -55,7 +55,9 @@ impl Default for BuildOptions {
             toybox_source: SourceSpec::Debian,
             install_missing: true,
             progress: ProgressMode::Bars,
-            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -114,8 +116,10 @@ pub fn default_image() -> Result<Image> {
 pub fn find(opts: &BuildOptions) -> Result<Image> {
     let root = &opts.cache_root;
     let no_image = || Error::NoImage(root.clone());
-    let kernel_src = sources::offline(&opts.kernel_source, root, sources::Component::Kernel).ok_or_else(no_image)?;
-    let toybox_src = sources::offline(&opts.toybox_source, root, sources::Component::Toybox).ok_or_else(no_image)?;
+    let kernel_src = sources::offline(&opts.kernel_source, root, sources::Component::Kernel)
+        .ok_or_else(no_image)?;
+    let toybox_src = sources::offline(&opts.toybox_source, root, sources::Component::Toybox)
+        .ok_or_else(no_image)?;
     let dir = image_dir(root, &inputs(&kernel_src, &toybox_src).keys().image);
     if !dir.join("manifest.json").exists() {
         return Err(no_image());
@@ -154,11 +158,18 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
     let k = kernel::build(&kernel_src, &keys, root, opts.jobs, mode)?;
     let t = toybox::build(&toybox_src, &keys.toybox, &k, root, mode)?;
 
-    let staging = root.join("images").join(format!(".{key}.{}", std::process::id()));
+    let staging = root
+        .join("images")
+        .join(format!(".{key}.{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     let result = (|| -> Result<Manifest> {
-        kernel::strip_vmlinux(&k.vmlinux, &staging.join("vmlinux"), &staging.join("strip.log"), mode)?;
+        kernel::strip_vmlinux(
+            &k.vmlinux,
+            &staging.join("vmlinux"),
+            &staging.join("strip.log"),
+            mode,
+        )?;
         let _ = fs::remove_file(staging.join("strip.log"));
         fs::copy(&k.bzimage, staging.join("bzImage")).map_err(|e| Error::io(&k.bzimage, e))?;
         let toybox_bin = fs::read(&t.binary).map_err(|e| Error::io(&t.binary, e))?;
@@ -187,7 +198,9 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
             vmlinux_path,
             vmlinux_bytes,
             vmlinux_sha256,
-            vmlinux_unstripped_bytes: fs::metadata(&k.vmlinux).map_err(|e| Error::io(&k.vmlinux, e))?.len(),
+            vmlinux_unstripped_bytes: fs::metadata(&k.vmlinux)
+                .map_err(|e| Error::io(&k.vmlinux, e))?
+                .len(),
             bzimage_path,
             bzimage_bytes,
             bzimage_sha256,
@@ -199,7 +212,10 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
             build_seconds: started.elapsed().as_secs_f64(),
         };
         // The manifest is written last: its presence marks a complete image.
-        steps::write_atomic(&staging.join("manifest.json"), manifest.to_json().as_bytes())?;
+        steps::write_atomic(
+            &staging.join("manifest.json"),
+            manifest.to_json().as_bytes(),
+        )?;
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
@@ -217,7 +233,10 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
 }
 
 /// Every input of the image built from these sources.
-fn inputs<'a>(kernel_src: &'a sources::Resolved, toybox_src: &'a sources::Resolved) -> cache::Inputs<'a> {
+fn inputs<'a>(
+    kernel_src: &'a sources::Resolved,
+    toybox_src: &'a sources::Resolved,
+) -> cache::Inputs<'a> {
     cache::Inputs {
         kernel_source: &kernel_src.identity,
         patches: kernel::PATCHES,

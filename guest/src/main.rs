@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use osso_guest::{BuildOptions, ProgressMode, SourceSpec};
 
 #[derive(Parser)]
-#[command(name = "osso-guest", version, about = "Build and locate Osso Linux (kernel + Toybox initramfs)")]
+#[command(
+    name = "osso-guest",
+    version,
+    about = "Build and locate Osso Linux (kernel + Toybox initramfs)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -112,8 +116,16 @@ fn run(cli: Cli) -> osso_guest::Result<()> {
                 "  kernel {} ({}), toybox {} ({})",
                 m.kernel_version, m.kernel_source, m.toybox_version, m.toybox_source
             );
-            println!("  vmlinux   {:>10} B  {}", m.vmlinux_bytes, m.vmlinux_path.display());
-            println!("  bzImage   {:>10} B  {}", m.bzimage_bytes, m.bzimage_path.display());
+            println!(
+                "  vmlinux   {:>10} B  {}",
+                m.vmlinux_bytes,
+                m.vmlinux_path.display()
+            );
+            println!(
+                "  bzImage   {:>10} B  {}",
+                m.bzimage_bytes,
+                m.bzimage_path.display()
+            );
             println!(
                 "  initramfs {:>10} B  {} ({} B uncompressed)",
                 m.initramfs_bytes,
@@ -131,9 +143,15 @@ fn run(cli: Cli) -> osso_guest::Result<()> {
                 println!("image      {}", image.dir.display());
                 println!("kernel     {} ({})", m.kernel_version, m.kernel_source);
                 println!("toybox     {} ({})", m.toybox_version, m.toybox_source);
-                println!("vmlinux    {} B (stripped; {} B unstripped)", m.vmlinux_bytes, m.vmlinux_unstripped_bytes);
+                println!(
+                    "vmlinux    {} B (stripped; {} B unstripped)",
+                    m.vmlinux_bytes, m.vmlinux_unstripped_bytes
+                );
                 println!("bzImage    {} B", m.bzimage_bytes);
-                println!("initramfs  {} B ({} B uncompressed)", m.initramfs_bytes, m.initramfs_uncompressed_bytes);
+                println!(
+                    "initramfs  {} B ({} B uncompressed)",
+                    m.initramfs_bytes, m.initramfs_uncompressed_bytes
+                );
                 println!("commands   {}", m.toybox_commands.join(" "));
             }
             Ok(())

@@ -29,7 +29,8 @@ pub const DEBIAN_KERNEL_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
 pub const DEBIAN_KERNEL_PACKAGE: &str = "linux-source-6.12";
 /// Debian bookworm's Toybox orig tarball and its sha256 (from the package's .dsc).
 pub const DEBIAN_TOYBOX_FILE: &str = "toybox_0.8.9+dfsg.orig.tar.xz";
-pub const DEBIAN_TOYBOX_SHA256: &str = "16fb5967531e88ca33b8c9142376987617ebe52e34e2b3f3a779603674b7d07c";
+pub const DEBIAN_TOYBOX_SHA256: &str =
+    "16fb5967531e88ca33b8c9142376987617ebe52e34e2b3f3a779603674b7d07c";
 /// The Debian archive line used for the Toybox source package.
 pub const DEBIAN_SRC_LINE: &str = "deb-src http://deb.debian.org/debian bookworm main";
 
@@ -94,7 +95,12 @@ impl Resolved {
 }
 
 /// Resolves the kernel source.
-pub fn kernel(spec: &SourceSpec, root: &Path, allow_install: bool, mode: ProgressMode) -> Result<Resolved> {
+pub fn kernel(
+    spec: &SourceSpec,
+    root: &Path,
+    allow_install: bool,
+    mode: ProgressMode,
+) -> Result<Resolved> {
     match spec {
         SourceSpec::Path(p) => from_path(p, root, Error::KernelSource),
         SourceSpec::Download => match download(&KERNEL_DOWNLOAD, root, mode) {
@@ -138,11 +144,17 @@ fn from_path(p: &Path, root: &Path, err: fn(String) -> Error) -> Result<Resolved
         });
     }
     if !p.is_file() {
-        return Err(err(format!("{} is neither a tarball nor a directory", p.display())));
+        return Err(err(format!(
+            "{} is neither a tarball nor a directory",
+            p.display()
+        )));
     }
     let name = p.to_string_lossy();
     if !(name.ends_with(".tar.xz") || name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
-        return Err(err(format!("{}: expected a .tar.xz or .tar.gz tarball", p.display())));
+        return Err(err(format!(
+            "{}: expected a .tar.xz or .tar.gz tarball",
+            p.display()
+        )));
     }
     Ok(Resolved {
         description: format!("tarball:{}", p.display()),
@@ -155,7 +167,9 @@ fn debian_kernel(root: &Path, allow_install: bool, mode: ProgressMode) -> Result
     let tarball = Path::new(DEBIAN_KERNEL_TARBALL);
     if !tarball.exists() {
         if allow_install && crate::tools::can_apt_install() {
-            eprintln!("osso-guest: installing {DEBIAN_KERNEL_PACKAGE} with apt-get (kernel source)");
+            eprintln!(
+                "osso-guest: installing {DEBIAN_KERNEL_PACKAGE} with apt-get (kernel source)"
+            );
             crate::tools::apt_install(&[DEBIAN_KERNEL_PACKAGE], &root.join("logs/apt.log"), mode)?;
         } else {
             return Err(Error::KernelSource(format!(
@@ -164,15 +178,20 @@ fn debian_kernel(root: &Path, allow_install: bool, mode: ProgressMode) -> Result
             )));
         }
     }
-    debian_kernel_local(root).ok_or_else(|| Error::KernelSource(format!("cannot read {DEBIAN_KERNEL_TARBALL}")))
+    debian_kernel_local(root)
+        .ok_or_else(|| Error::KernelSource(format!("cannot read {DEBIAN_KERNEL_TARBALL}")))
 }
 
 /// Debian's kernel source if its tarball is installed.
 fn debian_kernel_local(root: &Path) -> Option<Resolved> {
     let tarball = Path::new(DEBIAN_KERNEL_TARBALL);
     let identity = cache::file_identity(root, tarball).ok()?;
-    let pkg_version = steps::capture(Command::new("dpkg-query").args(["-W", "-f=${Version}", DEBIAN_KERNEL_PACKAGE]))
-        .unwrap_or_else(|| "unknown".into());
+    let pkg_version = steps::capture(Command::new("dpkg-query").args([
+        "-W",
+        "-f=${Version}",
+        DEBIAN_KERNEL_PACKAGE,
+    ]))
+    .unwrap_or_else(|| "unknown".into());
     Some(Resolved {
         description: format!("debian:{DEBIAN_KERNEL_PACKAGE} {pkg_version}"),
         identity,
@@ -263,7 +282,10 @@ fn fetch_debian_toybox(dl: &Path, mode: ProgressMode) -> Result<()> {
         )));
     }
     let apt = dl.join("apt");
-    for d in [apt.join("lists/partial"), apt.join("cache/archives/partial")] {
+    for d in [
+        apt.join("lists/partial"),
+        apt.join("cache/archives/partial"),
+    ] {
         fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
     }
     let sources = apt.join("sources.list");
@@ -271,7 +293,10 @@ fn fetch_debian_toybox(dl: &Path, mode: ProgressMode) -> Result<()> {
     let opts = |cmd: &mut Command| {
         cmd.arg(format!("-o=Dir::Etc::sourcelist={}", sources.display()))
             .arg("-o=Dir::Etc::sourceparts=-")
-            .arg(format!("-o=Dir::State::Lists={}", apt.join("lists").display()))
+            .arg(format!(
+                "-o=Dir::State::Lists={}",
+                apt.join("lists").display()
+            ))
             .arg(format!("-o=Dir::Cache={}", apt.join("cache").display()))
             .arg("-o=APT::Get::List-Cleanup=0")
             .arg("-o=Debug::NoLocking=1");
@@ -280,13 +305,25 @@ fn fetch_debian_toybox(dl: &Path, mode: ProgressMode) -> Result<()> {
     let mut update = Command::new("apt-get");
     opts(&mut update);
     update.arg("update");
-    steps::run(mode, "apt-get update (private list for deb-src toybox)", &mut update, &log)?;
+    steps::run(
+        mode,
+        "apt-get update (private list for deb-src toybox)",
+        &mut update,
+        &log,
+    )?;
     // The .debian.tar.xz answers 404 on the mirror; it is not needed, so the
     // command's failure is judged by whether the orig tarball arrived.
     let mut source = Command::new("apt-get");
     opts(&mut source);
-    source.args(["source", "--download-only", "toybox"]).current_dir(dl);
-    let res = steps::run(mode, "apt-get source --download-only toybox", &mut source, &log);
+    source
+        .args(["source", "--download-only", "toybox"])
+        .current_dir(dl);
+    let res = steps::run(
+        mode,
+        "apt-get source --download-only toybox",
+        &mut source,
+        &log,
+    );
     if dl.join(DEBIAN_TOYBOX_FILE).exists() {
         Ok(())
     } else {
@@ -352,7 +389,9 @@ pub fn unpack(src: &Resolved, dest: &Path, mode: ProgressMode, what: &str) -> Re
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = parent.join(format!(
         ".unpack-{}-{}",
-        dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        dest.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let _ = fs::remove_dir_all(&tmp);

@@ -31,7 +31,8 @@ pub fn spinner(mode: ProgressMode, msg: &str) -> ProgressBar {
         ProgressMode::Bars => ProgressBar::new_spinner(),
         ProgressMode::Quiet => ProgressBar::hidden(),
     };
-    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed:>4}] {prefix}: {wide_msg}") {
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed:>4}] {prefix}: {wide_msg}")
+    {
         pb.set_style(style);
     }
     pb.set_prefix(msg.to_string());
@@ -45,9 +46,9 @@ pub fn byte_bar(mode: ProgressMode, msg: &str, len: u64) -> ProgressBar {
         ProgressMode::Bars => ProgressBar::new(len),
         ProgressMode::Quiet => ProgressBar::hidden(),
     };
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} [{elapsed:>4}] {prefix}: [{bar:30}] {bytes}/{total_bytes}")
-    {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed:>4}] {prefix}: [{bar:30}] {bytes}/{total_bytes}",
+    ) {
         pb.set_style(style.progress_chars("=> "));
     }
     pb.set_prefix(msg.to_string());
@@ -87,8 +88,14 @@ pub fn run(mode: ProgressMode, what: &str, cmd: &mut Command, log: &Path) -> Res
     let logf = Arc::new(Mutex::new(logf));
     let mut pumps = Vec::new();
     for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -110,7 +117,10 @@ pub fn run(mode: ProgressMode, what: &str, cmd: &mut Command, log: &Path) -> Res
     }
     pb.finish_and_clear();
     if plain {
-        eprintln!("osso-guest: {what}: {status} after {:.1}s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "osso-guest: {what}: {status} after {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
     }
     if status.success() {
         Ok(())
@@ -125,7 +135,11 @@ pub fn run(mode: ProgressMode, what: &str, cmd: &mut Command, log: &Path) -> Res
 
 /// Runs a short command and returns its stdout, or None if it failed.
 pub fn capture(cmd: &mut Command) -> Option<String> {
-    let out = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())

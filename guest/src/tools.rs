@@ -23,8 +23,16 @@ const TOOLS: &[(&str, Probe, &str)] = &[
     ("strip", Probe::Bin("strip"), "binutils"),
     ("readelf", Probe::Bin("readelf"), "binutils"),
     ("musl-gcc", Probe::Bin("musl-gcc"), "musl-tools"),
-    ("libelf headers", Probe::File("/usr/include/gelf.h"), "libelf-dev"),
-    ("libc headers", Probe::File("/usr/include/stdio.h"), "libc6-dev"),
+    (
+        "libelf headers",
+        Probe::File("/usr/include/gelf.h"),
+        "libelf-dev",
+    ),
+    (
+        "libc headers",
+        Probe::File("/usr/include/stdio.h"),
+        "libc6-dev",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +87,12 @@ pub fn apt_install(packages: &[&str], log: &Path, mode: crate::steps::ProgressMo
     if install(log).is_ok() {
         return Ok(());
     }
-    crate::steps::run(mode, "apt-get update", Command::new("apt-get").arg("update"), log)?;
+    crate::steps::run(
+        mode,
+        "apt-get update",
+        Command::new("apt-get").arg("update"),
+        log,
+    )?;
     install(log)
 }
 
@@ -92,7 +105,10 @@ pub fn ensure(allow_install: bool, log: &Path, mode: crate::steps::ProgressMode)
     let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
     if allow_install && can_apt_install() {
         tracing::info!(packages = %pkgs.join(" "), "installing missing build tools with apt-get");
-        eprintln!("osso-guest: installing missing build tools: {}", pkgs.join(" "));
+        eprintln!(
+            "osso-guest: installing missing build tools: {}",
+            pkgs.join(" ")
+        );
         apt_install(&pkgs, log, mode)?;
         let still: Vec<&str> = missing_packages().iter().map(|(w, _)| *w).collect();
         if still.is_empty() {
@@ -100,7 +116,11 @@ pub fn ensure(allow_install: bool, log: &Path, mode: crate::steps::ProgressMode)
         }
     }
     Err(Error::MissingTools {
-        missing: missing.iter().map(|(w, _)| *w).collect::<Vec<_>>().join(", "),
+        missing: missing
+            .iter()
+            .map(|(w, _)| *w)
+            .collect::<Vec<_>>()
+            .join(", "),
         install: format!("sudo apt-get install {}", pkgs.join(" ")),
     })
 }

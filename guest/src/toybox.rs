@@ -37,7 +37,13 @@ pub fn required_commands() -> Vec<String> {
 }
 
 /// Builds (or reuses) Toybox.
-pub fn build(src: &Resolved, key: &str, kernel: &Kernel, root: &Path, mode: ProgressMode) -> Result<Toybox> {
+pub fn build(
+    src: &Resolved,
+    key: &str,
+    kernel: &Kernel,
+    root: &Path,
+    mode: ProgressMode,
+) -> Result<Toybox> {
     let key = key.to_string();
     let tree = root.join("build").join(format!("toybox-{key}"));
     let binary = tree.join("toybox");
@@ -101,7 +107,10 @@ pub fn build(src: &Resolved, key: &str, kernel: &Kernel, root: &Path, mode: Prog
 pub fn parse_command_list(text: &str) -> Vec<String> {
     let mut v: Vec<String> = text
         .split_whitespace()
-        .filter(|w| w.chars().all(|c| c.is_ascii_alphanumeric() || c == '[' || c == '-' || c == '_'))
+        .filter(|w| {
+            w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '[' || c == '-' || c == '_')
+        })
         .map(str::to_string)
         .collect();
     v.sort();
@@ -127,8 +136,8 @@ mod tests {
     fn required_commands_cover_the_issue_list() {
         let req = required_commands();
         for c in [
-            "sh", "mount", "mkdir", "cat", "echo", "ls", "ifconfig", "route", "ping", "uname", "devmem", "nc",
-            "sleep", "reboot", "test", "true", "false",
+            "sh", "mount", "mkdir", "cat", "echo", "ls", "ifconfig", "route", "ping", "uname",
+            "devmem", "nc", "sleep", "reboot", "test", "true", "false",
         ] {
             assert!(req.contains(&c.to_string()), "{c} missing from {req:?}");
         }

@@ -1,1 +1,3 @@
-//! osso-sdk: what applications use.
+//! osso-sdk: what applications use to get a fresh Osso microVM per request.
+
+pub mod job;
