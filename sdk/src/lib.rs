@@ -1,3 +1,111 @@
-//! osso-sdk: what applications use to get a fresh Osso microVM per request.
+//! osso-sdk: a fresh Linux microVM per request, from Rust.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! // Boot the default Osso image (built on first use) and wait until it is ready.
+//! let vm = osso_sdk::spawn(osso_sdk::Config::builder().mem_mib(128).build())?;
+//! println!("{}", vm.metrics());              // boot time, RSS, image size
+//! let rtt = vm.ping(1, Duration::from_secs(1))?; // through the user-mode network
+//! drop(vm);                                   // stops it and frees everything
+//!
+//! // One VM per request: run a shell command in a fresh VM, get its output.
+//! let out = osso_sdk::run(osso_sdk::Job::new("uname -a"))?;
+//! println!("{} (exit {})", out.output.stdout_text(), out.output.status);
+//! # Ok::<(), osso_sdk::Error>(())
+//! ```
+//!
+//! What runs where: on hardware KVM everything does. On a host whose KVM is
+//! the PVM software hypervisor ([`HostKvm::Pvm`]) a guest kernel boots (about a
+//! thousand times slower) but guest user space never runs: spawn with
+//! [`ReadyWhen::GuestPing`] and the kernel's own `ip=` configuration, and
+//! [`run`] fails at once with [`Error::NoGuestUserSpace`].
 
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod host;
 pub mod job;
+pub mod metrics;
+pub mod vm;
+
+use std::time::{Duration, Instant};
+
+pub use config::{Config, ConfigBuilder, Image, KernelFormat, Network, ReadyWhen};
+pub use console::Console;
+pub use error::Error;
+pub use host::HostKvm;
+pub use job::JobOutput;
+pub use metrics::Metrics;
+pub use vm::{spawn, Exit, Vm};
+
+/// A shell command to run in a fresh VM.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The script, run by the guest's `sh`.
+    pub script: String,
+    /// The VM (default: [`Config::default`]; its `ready` is ignored).
+    pub config: Config,
+    /// How long the job may take once the guest is ready.
+    pub timeout: Duration,
+}
+
+impl Job {
+    /// A job running `script` with the default VM and a 30 s timeout.
+    pub fn new(script: impl Into<String>) -> Self {
+        Job {
+            script: script.into(),
+            config: Config::default(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What [`run`] returns.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    pub output: JobOutput,
+    /// The VM's figures (boot phases, memory, image size with the job appended).
+    pub metrics: Metrics,
+}
+
+/// Runs `job` in a fresh VM and tears the VM down: the job travels as a small
+/// archive appended to the image's initramfs (no rebuild), runs after the guest
+/// is ready, and its stdout, stderr and exit status come back over the console.
+/// Fails at once under a KVM that cannot run guest user space.
+pub fn run(job: Job) -> Result<JobResult, Error> {
+    let started = Instant::now();
+    if HostKvm::detect() != HostKvm::Hardware {
+        return Err(Error::NoGuestUserSpace);
+    }
+    let mut config = job.config;
+    config.ready = ReadyWhen::BootTimer;
+    config.validate()?;
+    let mut files = vm::resolve_image(&config)?;
+    let base = files
+        .initrd
+        .clone()
+        .ok_or_else(|| Error::Config("a job needs an initramfs".into()))?;
+    let prepared = job::prepare_from_file(&base, &job.script)?;
+    let scratch = tempfile::tempdir().map_err(|source| Error::Io {
+        what: "create a scratch directory for the job".into(),
+        source,
+    })?;
+    let initrd = scratch.path().join("initramfs-with-job");
+    std::fs::write(&initrd, &prepared.initrd).map_err(|source| Error::Io {
+        what: format!("write {}", initrd.display()),
+        source,
+    })?;
+    files.image.initramfs_bytes = prepared.initrd.len() as u64;
+    files.image.total_bytes = files.image.kernel_bytes + files.image.initramfs_bytes;
+    files.initrd = Some(initrd);
+    let vm = vm::spawn_files(config, files, Some(scratch), started)?;
+    let exit = vm.wait_timeout(Some(job.timeout));
+    if exit.is_none() {
+        vm.kill();
+    }
+    let output = prepared.parse(&vm.console().text())?;
+    Ok(JobResult {
+        output,
+        metrics: vm.metrics(),
+    })
+}

@@ -3,6 +3,33 @@
 //! Owns KVM VM and vCPU setup, the guest memory layout, kernel loading and boot
 //! state, the PIO/MMIO bus and the devices. Knows nothing of how guest images
 //! are built (that is `osso-guest`).
+//!
+//! Modules, one concern each:
+//! - [`layout`]: the guest physical memory map (RAM, boot structures, MMIO
+//!   window, IRQs) and guest RAM creation;
+//! - [`kvm`]: VM creation and vCPU configuration;
+//! - [`boot`]: kernel/initrd loading (PVH, Linux 64-bit), command line, MP
+//!   table, boot page tables and GDT;
+//! - [`bus`]: the PIO and MMIO buses;
+//! - [`devices`]: UART, i8042, boot timer;
+//! - [`machine`]: configuration, assembly (where devices are added), vCPU
+//!   threads, stop/wait, exit reasons;
+//! - [`metrics`]: boot milestones and memory figures;
+//! - `virtio`, `net`: the virtio-mmio transport, virtio-net and its backends.
 
+pub mod boot;
+pub mod bus;
+pub mod devices;
+pub mod kvm;
+pub mod layout;
+pub mod machine;
+pub mod metrics;
 pub mod net;
 pub mod virtio;
+
+pub use boot::{BootSource, CpuMode};
+pub use bus::{Bus, BusDevice};
+pub use machine::{
+    run, ExitReason, Machine, MachineBuilder, MmioSlot, RunOutcome, StopHandle, VmConfig, VmmError,
+};
+pub use metrics::Metrics;

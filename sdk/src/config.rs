@@ -1,0 +1,334 @@
+//! [`Config`]: everything about a VM a caller can choose, with a builder and
+//! sensible defaults (the default Osso image, 128 MiB, 1 vCPU, the user-mode
+//! network with no egress, console captured, ready when `/init` signals it).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use osso_vmm::net::{MacAddr, NetBackendConfig, NetConfig};
+
+use crate::error::Error;
+
+/// Which kernel and initramfs to boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Image {
+    /// The default Osso image from `osso-guest`, built on first use.
+    #[default]
+    Default,
+    /// Your own kernel (ELF vmlinux or bzImage) and initramfs.
+    Custom {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+    },
+}
+
+/// Which form of the default image's kernel to boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// The uncompressed ELF vmlinux through its PVH entry (the fast path).
+    #[default]
+    Pvh,
+    /// The compressed bzImage through the Linux boot protocol.
+    BzImage,
+}
+
+/// When [`crate::spawn`] considers the guest ready and returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ReadyWhen {
+    /// The guest's init wrote the boot timer (Osso's `/init` does, when ready).
+    #[default]
+    BootTimer,
+    /// A console line containing this text appeared.
+    ConsoleLine(String),
+    /// The guest answers a ping from the host through the user-mode network
+    /// (works with no guest user space: the kernel answers with `ip=` set).
+    GuestPing,
+    /// As soon as the vCPUs run.
+    Started,
+}
+
+impl std::fmt::Display for ReadyWhen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadyWhen::BootTimer => write!(f, "waiting for the boot timer"),
+            ReadyWhen::ConsoleLine(s) => write!(f, "waiting for console line {s:?}"),
+            ReadyWhen::GuestPing => write!(f, "waiting for the guest to answer ping"),
+            ReadyWhen::Started => write!(f, "waiting for the vCPUs to start"),
+        }
+    }
+}
+
+/// The guest's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// No network device.
+    None,
+    /// The user-mode network inside the VMM (no privileges): the guest is
+    /// 10.0.2.15/24, the VMM is its gateway 10.0.2.2. No egress: the guest
+    /// reaches only the host loopback ports listed in `allowed_host_ports`.
+    User {
+        /// Host loopback port -> guest port.
+        forwards: Vec<(u16, u16)>,
+        allowed_host_ports: Vec<u16>,
+    },
+    /// An existing or new TAP device (root or CAP_NET_ADMIN).
+    Tap(String),
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network::User {
+            forwards: Vec::new(),
+            allowed_host_ports: Vec::new(),
+        }
+    }
+}
+
+/// A VM's configuration. Build one with [`Config::builder`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub image: Image,
+    pub kernel_format: KernelFormat,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    /// Added to the kernel command line, after the VMM's own.
+    pub cmdline_extra: Vec<String>,
+    pub network: Network,
+    /// Echo console lines to this process's stdout as they arrive.
+    pub echo_console: bool,
+    /// The most console bytes kept for [`crate::Vm::console`] (older lines are dropped).
+    pub console_limit: usize,
+    pub ready: ReadyWhen,
+    /// How long [`crate::spawn`] waits for ready before stopping the VM.
+    pub boot_timeout: Duration,
+    /// The VM is stopped after this long in all (None: runs until it ends or is stopped).
+    pub lifetime: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            image: Image::Default,
+            kernel_format: KernelFormat::Pvh,
+            mem_mib: 128,
+            vcpus: 1,
+            cmdline_extra: Vec::new(),
+            network: Network::default(),
+            echo_console: false,
+            console_limit: 1 << 20,
+            ready: ReadyWhen::BootTimer,
+            boot_timeout: Duration::from_secs(30),
+            lifetime: None,
+        }
+    }
+}
+
+impl Config {
+    /// A builder starting from the defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder(Config::default())
+    }
+
+    /// Checks what can be checked before anything starts.
+    pub fn validate(&self) -> Result<(), Error> {
+        osso_vmm::layout::validate_mem_mib(self.mem_mib)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        if self.vcpus == 0 || self.vcpus > osso_vmm::machine::MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "{} vCPUs: 1 to {} are supported",
+                self.vcpus,
+                osso_vmm::machine::MAX_VCPUS
+            )));
+        }
+        if self.boot_timeout.is_zero() {
+            return Err(Error::Config("boot timeout is zero".into()));
+        }
+        if let Network::User { forwards, .. } = &self.network {
+            if let Some((h, g)) = forwards.iter().find(|(_, g)| *g == 0) {
+                return Err(Error::Config(format!("forward {h}:{g}: guest port 0")));
+            }
+        }
+        if let Network::Tap(name) = &self.network {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                return Err(Error::Config(format!(
+                    "TAP name {name:?}: 1 to 15 characters, no '/', space or NUL"
+                )));
+            }
+        }
+        if self.ready == ReadyWhen::GuestPing && !matches!(self.network, Network::User { .. }) {
+            return Err(Error::Config(
+                "ready when the guest answers ping needs the user network".into(),
+            ));
+        }
+        if let Image::Custom { kernel, initrd } = &self.image {
+            for p in std::iter::once(kernel).chain(initrd) {
+                if !p.is_file() {
+                    return Err(Error::Config(format!("{}: no such file", p.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The VMM's network configuration (a fresh locally administered MAC per VM).
+    pub(crate) fn net_config(&self) -> NetConfig {
+        let mut c = NetConfig {
+            mac: MacAddr::random_local(),
+            ..NetConfig::default()
+        };
+        match &self.network {
+            Network::None => c.backend = NetBackendConfig::None,
+            Network::Tap(name) => c.backend = NetBackendConfig::Tap(name.clone()),
+            // Forwards are set up on the running network (see `Vm`), so that
+            // a host port of 0 can be bound to any free port and reported.
+            Network::User {
+                allowed_host_ports, ..
+            } => {
+                c.backend = NetBackendConfig::User;
+                c.allowed_host_ports = allowed_host_ports.clone();
+            }
+        }
+        c
+    }
+}
+
+/// Builds a [`Config`].
+#[derive(Debug, Clone)]
+pub struct ConfigBuilder(Config);
+
+impl ConfigBuilder {
+    /// Guest RAM in MiB (default 128).
+    pub fn mem_mib(mut self, mib: u64) -> Self {
+        self.0.mem_mib = mib;
+        self
+    }
+    /// vCPUs (default 1).
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.0.vcpus = n;
+        self
+    }
+    /// Boot your own kernel and initramfs instead of the default image.
+    pub fn custom_image(mut self, kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
+        self.0.image = Image::Custom {
+            kernel: kernel.into(),
+            initrd,
+        };
+        self
+    }
+    /// Boot the default image's bzImage (Linux boot protocol) instead of its vmlinux (PVH).
+    pub fn kernel_format(mut self, f: KernelFormat) -> Self {
+        self.0.kernel_format = f;
+        self
+    }
+    /// Append to the kernel command line.
+    pub fn cmdline(mut self, extra: impl Into<String>) -> Self {
+        self.0.cmdline_extra.push(extra.into());
+        self
+    }
+    /// No network device.
+    pub fn no_network(mut self) -> Self {
+        self.0.network = Network::None;
+        self
+    }
+    /// A TAP device (root or CAP_NET_ADMIN).
+    pub fn tap(mut self, name: impl Into<String>) -> Self {
+        self.0.network = Network::Tap(name.into());
+        self
+    }
+    /// The user-mode network (the default), keeping forwards already set.
+    pub fn user_network(mut self) -> Self {
+        if !matches!(self.0.network, Network::User { .. }) {
+            self.0.network = Network::default();
+        }
+        self
+    }
+    /// Forward host loopback `host_port` (0: any free port) to `guest_port` (user network).
+    pub fn forward(mut self, host_port: u16, guest_port: u16) -> Self {
+        self = self.user_network();
+        if let Network::User { forwards, .. } = &mut self.0.network {
+            forwards.push((host_port, guest_port));
+        }
+        self
+    }
+    /// Let the guest reach host loopback `port` at 10.0.2.2 (user network).
+    pub fn allow_host_port(mut self, port: u16) -> Self {
+        self = self.user_network();
+        if let Network::User {
+            allowed_host_ports, ..
+        } = &mut self.0.network
+        {
+            allowed_host_ports.push(port);
+        }
+        self
+    }
+    /// Echo the console to stdout as it arrives.
+    pub fn echo_console(mut self, on: bool) -> Self {
+        self.0.echo_console = on;
+        self
+    }
+    /// When spawn() returns.
+    pub fn ready_when(mut self, r: ReadyWhen) -> Self {
+        self.0.ready = r;
+        self
+    }
+    /// How long spawn() waits for ready (default 30 s).
+    pub fn boot_timeout(mut self, t: Duration) -> Self {
+        self.0.boot_timeout = t;
+        self
+    }
+    /// Stop the VM after this long in all.
+    pub fn lifetime(mut self, t: Duration) -> Self {
+        self.0.lifetime = Some(t);
+        self
+    }
+    /// The finished configuration.
+    pub fn build(self) -> Config {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.mem_mib, 128);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.image, Image::Default);
+        assert_eq!(c.ready, ReadyWhen::BootTimer);
+        assert!(
+            matches!(&c.network, Network::User { forwards, allowed_host_ports } if forwards.is_empty() && allowed_host_ports.is_empty())
+        );
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn builder_sets_every_knob() {
+        let c = Config::builder()
+            .mem_mib(256)
+            .vcpus(2)
+            .cmdline("quiet")
+            .forward(0, 80)
+            .allow_host_port(5432)
+            .ready_when(ReadyWhen::ConsoleLine("hi".into()))
+            .boot_timeout(Duration::from_secs(5))
+            .lifetime(Duration::from_secs(9))
+            .build();
+        assert_eq!((c.mem_mib, c.vcpus), (256, 2));
+        assert_eq!(c.cmdline_extra, ["quiet"]);
+        assert_eq!(
+            c.network,
+            Network::User {
+                forwards: vec![(0, 80)],
+                allowed_host_ports: vec![5432]
+            }
+        );
+        let n = c.net_config();
+        assert_eq!(n.backend, NetBackendConfig::User);
+        assert_eq!(n.allowed_host_ports, [5432]);
+        assert_ne!(n.mac, c.net_config().mac, "a fresh MAC per VM");
+        assert_eq!(c.lifetime, Some(Duration::from_secs(9)));
+    }
+}

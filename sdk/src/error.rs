@@ -1,0 +1,54 @@
+//! The SDK's error type: one enum, each variant saying what the caller can do.
+
+use std::time::Duration;
+
+/// Errors from spawning, running or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration cannot work (bad memory size, vCPU count, ports...).
+    #[error("bad configuration: {0}")]
+    Config(String),
+    /// The guest image could not be built or found.
+    #[error("guest image: {0}")]
+    Image(#[from] osso_guest::Error),
+    /// The VMM refused the machine (KVM missing, bad kernel, layout...).
+    #[error("VMM: {0}")]
+    Vmm(#[from] osso_vmm::VmmError),
+    /// The network device could not be set up.
+    #[error("network: {0}")]
+    Net(#[from] osso_vmm::virtio::attach::AttachError),
+    /// The guest did not become ready in time; it has been stopped.
+    #[error(
+        "the guest was not ready within {timeout:?} ({ready}); last console lines:\n{console_tail}"
+    )]
+    BootTimeout {
+        timeout: Duration,
+        ready: String,
+        console_tail: String,
+    },
+    /// The guest ended before it was ready.
+    #[error("the guest ended before it was ready ({reason}); last console lines:\n{console_tail}")]
+    EndedBeforeReady {
+        reason: String,
+        console_tail: String,
+    },
+    /// The host's KVM cannot run guest user space (the PVM software KVM).
+    #[error(
+        "this host's KVM is PVM (/sys/module/kvm_pvm), which boots a Linux kernel but never runs \
+         guest user space, so a job cannot run here; run jobs on a host with hardware KVM"
+    )]
+    NoGuestUserSpace,
+    /// A job ran but its result could not be read.
+    #[error("job: {0}")]
+    Job(#[from] crate::job::JobError),
+    /// The VM has no user-mode network (backend `none` or `tap`).
+    #[error("this VM has no user-mode network (backend {0})")]
+    NoUserNet(String),
+    /// A host-side network operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,417 @@
+//! [`spawn`] and the [`Vm`] handle: one running microVM, its console, its
+//! network and its metrics. Dropping a `Vm` stops it and releases everything
+//! it holds (vCPU and device threads, file descriptors, guest memory).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use osso_vmm::metrics::{memory_figures, Timeline};
+use osso_vmm::net::UserNetHandle;
+use osso_vmm::virtio::attach::{attach_net, AttachedNet};
+use osso_vmm::{BootSource, ExitReason, MachineBuilder, RunOutcome, StopHandle, VmConfig};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::{Config, Image, KernelFormat, ReadyWhen};
+use crate::console::Console;
+use crate::error::Error;
+use crate::metrics::{ImageSize, Metrics};
+use crate::HostKvm;
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub reason: ExitReason,
+}
+
+impl Exit {
+    /// Whether the guest ended by itself (reset or shutdown).
+    pub fn guest_ended_by_itself(&self) -> bool {
+        self.reason.guest_ended_by_itself()
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.reason.fmt(f)
+    }
+}
+
+/// Where the waiter thread leaves the outcome.
+#[derive(Default)]
+struct Outcome {
+    result: Mutex<Option<RunOutcome>>,
+    done: Condvar,
+}
+
+/// A running (or ended) microVM.
+pub struct Vm {
+    console: Console,
+    stop: StopHandle,
+    timeline: Arc<Timeline>,
+    mem: Option<GuestMemoryMmap>,
+    net: Option<AttachedNet>,
+    forwards: Vec<std::net::SocketAddr>,
+    outcome: Arc<Outcome>,
+    waiter: Option<JoinHandle<()>>,
+    image: ImageSize,
+    host_kvm: HostKvm,
+    // Files this VM owns (a job's initramfs), removed when it is dropped.
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("ended", &self.has_ended())
+            .field("net", &self.net)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to boot, resolved from a [`Config`].
+pub(crate) struct BootFiles {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub image: ImageSize,
+}
+
+pub(crate) fn resolve_image(config: &Config) -> Result<BootFiles, Error> {
+    match &config.image {
+        Image::Custom { kernel, initrd } => {
+            let size = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            let kernel_bytes = size(kernel);
+            let initramfs_bytes = initrd.as_ref().map(size).unwrap_or(0);
+            Ok(BootFiles {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                image: ImageSize {
+                    kernel_bytes,
+                    initramfs_bytes,
+                    total_bytes: kernel_bytes + initramfs_bytes,
+                    bzimage_bytes: None,
+                    initramfs_uncompressed_bytes: None,
+                },
+            })
+        }
+        Image::Default => {
+            let img = osso_guest::default_image()?;
+            let m = &img.manifest;
+            let (kernel, kernel_bytes) = match config.kernel_format {
+                KernelFormat::Pvh => (m.vmlinux_path.clone(), m.vmlinux_bytes),
+                KernelFormat::BzImage => (m.bzimage_path.clone(), m.bzimage_bytes),
+            };
+            Ok(BootFiles {
+                kernel,
+                initrd: Some(m.initramfs_path.clone()),
+                image: ImageSize {
+                    kernel_bytes,
+                    initramfs_bytes: m.initramfs_bytes,
+                    total_bytes: kernel_bytes + m.initramfs_bytes,
+                    bzimage_bytes: Some(m.bzimage_bytes),
+                    initramfs_uncompressed_bytes: Some(m.initramfs_uncompressed_bytes),
+                },
+            })
+        }
+    }
+}
+
+/// Boots a VM as `config` says and returns once it is ready (as
+/// [`Config::ready`] defines), or fails: bad config, the VMM refused, the
+/// guest ended first, or the boot timeout passed (the VM is then stopped).
+pub fn spawn(config: Config) -> Result<Vm, Error> {
+    let started = Instant::now();
+    config.validate()?;
+    let files = resolve_image(&config)?;
+    spawn_files(config, files, None, started)
+}
+
+pub(crate) fn spawn_files(
+    config: Config,
+    files: BootFiles,
+    scratch: Option<tempfile::TempDir>,
+    started: Instant,
+) -> Result<Vm, Error> {
+    let console = Console::new(config.console_limit, config.echo_console);
+    let mut vmc = VmConfig::new(BootSource::Kernel {
+        kernel: files.kernel,
+        initrd: files.initrd,
+    });
+    vmc.mem_mib = config.mem_mib;
+    vmc.vcpus = config.vcpus;
+    vmc.cmdline_extra = (!config.cmdline_extra.is_empty()).then(|| config.cmdline_extra.join(" "));
+    vmc.timeout = config.lifetime;
+    vmc.console = Box::new(console.writer());
+    vmc.start = Some(started);
+    let mut builder = MachineBuilder::new(vmc)?;
+    let net = attach_net(&mut builder, &config.net_config())?;
+    let mut forwards = Vec::new();
+    if let (
+        Some(user),
+        crate::config::Network::User {
+            forwards: wanted, ..
+        },
+    ) = (net.as_ref().and_then(|n| n.user.as_ref()), &config.network)
+    {
+        for &(host, guest) in wanted {
+            let addr = user.forward(host, guest).map_err(|source| Error::Io {
+                what: format!("forward 127.0.0.1:{host} to guest port {guest}"),
+                source,
+            })?;
+            forwards.push(addr);
+        }
+    }
+    let timeline = builder.timeline();
+    let stop = builder.stop_handle();
+    let mem = builder.guest_memory();
+    let machine = builder.start()?;
+    let outcome = Arc::new(Outcome::default());
+    let waiter = {
+        let outcome = outcome.clone();
+        let console = console.clone();
+        std::thread::Builder::new()
+            .name("osso-vm-wait".into())
+            .spawn(move || {
+                let result = machine.wait();
+                console.close();
+                *outcome.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+                outcome.done.notify_all();
+            })
+            .map_err(|source| Error::Io {
+                what: "spawn the VM's waiter thread".into(),
+                source,
+            })?
+    };
+    let vm = Vm {
+        console,
+        stop,
+        timeline,
+        mem: Some(mem),
+        net,
+        forwards,
+        outcome,
+        waiter: Some(waiter),
+        image: files.image,
+        host_kvm: HostKvm::detect(),
+        _scratch: scratch,
+    };
+    vm.wait_ready(&config.ready, config.boot_timeout)?;
+    Ok(vm)
+}
+
+impl Vm {
+    /// Waits until `ready` holds; stops the VM and fails on timeout or early end.
+    fn wait_ready(&self, ready: &ReadyWhen, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut seq: u16 = 0;
+        loop {
+            let ok = match ready {
+                ReadyWhen::BootTimer => self.timeline.boot_timer_us().is_some(),
+                ReadyWhen::Started => self.timeline.first_kvm_run_us().is_some(),
+                ReadyWhen::ConsoleLine(s) => self.console.contains(s),
+                ReadyWhen::GuestPing => {
+                    seq = seq.wrapping_add(1);
+                    self.user_net()
+                        .map(|u| u.ping_guest(seq, Duration::from_millis(300)).is_ok())
+                        .unwrap_or(false)
+                }
+            };
+            if ok {
+                return Ok(());
+            }
+            if let Some(exit) = self.exit_now() {
+                return Err(Error::EndedBeforeReady {
+                    reason: exit.to_string(),
+                    console_tail: self.console.tail(20),
+                });
+            }
+            if Instant::now() >= deadline {
+                self.stop.stop();
+                return Err(Error::BootTimeout {
+                    timeout,
+                    ready: ready.to_string(),
+                    console_tail: self.console.tail(20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The exit, if the VM has ended.
+    fn exit_now(&self) -> Option<Exit> {
+        let r = self
+            .outcome
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        r.as_ref().map(|o| Exit {
+            reason: o.exit.clone(),
+        })
+    }
+
+    /// Whether the VM has ended.
+    pub fn has_ended(&self) -> bool {
+        self.exit_now().is_some()
+    }
+
+    /// The console: captured text, lines, live stream.
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// The host side of the user-mode network, if the VM has one.
+    fn user_net(&self) -> Option<&UserNetHandle> {
+        self.net.as_ref().and_then(|n| n.user.as_ref())
+    }
+
+    /// Opens a TCP connection to `guest_port` in the guest through the user
+    /// network; returns a connected stream.
+    pub fn connect(
+        &self,
+        guest_port: u16,
+        timeout: Duration,
+    ) -> Result<std::os::unix::net::UnixStream, Error> {
+        let user = self.user_net().ok_or_else(|| self.no_user_net())?;
+        user.connect(guest_port, timeout)
+            .map_err(|source| Error::Io {
+                what: format!("connect to guest port {guest_port}"),
+                source,
+            })
+    }
+
+    /// Pings the guest (10.0.2.15) from its gateway; returns the round trip.
+    pub fn ping(&self, seq: u16, timeout: Duration) -> Result<Duration, Error> {
+        let user = self.user_net().ok_or_else(|| self.no_user_net())?;
+        user.ping_guest(seq, timeout).map_err(|source| Error::Io {
+            what: "ping the guest".into(),
+            source,
+        })
+    }
+
+    /// Forwards host loopback `host_port` (0: any free port) to `guest_port`;
+    /// returns the bound host address.
+    pub fn forward(&self, host_port: u16, guest_port: u16) -> Result<std::net::SocketAddr, Error> {
+        let user = self.user_net().ok_or_else(|| self.no_user_net())?;
+        user.forward(host_port, guest_port)
+            .map_err(|source| Error::Io {
+                what: format!("forward host port {host_port} to guest port {guest_port}"),
+                source,
+            })
+    }
+
+    /// The host addresses of the forwards set in the config, in order.
+    pub fn forwards(&self) -> &[std::net::SocketAddr] {
+        &self.forwards
+    }
+
+    fn no_user_net(&self) -> Error {
+        Error::NoUserNet(if self.net.is_some() { "tap" } else { "none" }.into())
+    }
+
+    /// This VM's figures, now.
+    pub fn metrics(&self) -> Metrics {
+        let (guest_resident_bytes, guest_mem_bytes, vmm_rss_bytes) = match &self.mem {
+            Some(mem) => {
+                let m = memory_figures(mem);
+                (m.guest_resident_bytes, m.guest_mem_bytes, m.vmm_rss_bytes)
+            }
+            None => (0, 0, 0),
+        };
+        let r = self
+            .outcome
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Metrics {
+            boot: Metrics::phases(
+                self.timeline.first_kvm_run_us(),
+                self.timeline.init_started_us(),
+                self.timeline.boot_timer_us(),
+            ),
+            vmm_rss_bytes,
+            guest_resident_bytes,
+            guest_mem_bytes,
+            image: self.image.clone(),
+            exit: r.as_ref().map(|o| o.exit.to_string()),
+            host_kvm: self.host_kvm,
+            boot_protocol: r
+                .as_ref()
+                .map(|o| o.metrics.boot_protocol.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Waits for the guest to end by itself (or the lifetime to pass);
+    /// `None` waits for ever. Returns None if `timeout` passed first.
+    pub fn wait_timeout(&self, timeout: Option<Duration>) -> Option<Exit> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut r = self
+            .outcome
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(o) = r.as_ref() {
+                return Some(Exit {
+                    reason: o.exit.clone(),
+                });
+            }
+            r = match deadline {
+                None => self.outcome.done.wait(r).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.outcome
+                        .done
+                        .wait_timeout(r, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Waits for the guest to end.
+    pub fn wait(&self) -> Exit {
+        loop {
+            if let Some(e) = self.wait_timeout(None) {
+                return e;
+            }
+        }
+    }
+
+    /// Gives the guest `grace` to end by itself, then stops it. Osso's guest
+    /// has no agent to ask it to power off, so this waits rather than signals.
+    pub fn shutdown(&self, grace: Duration) -> Exit {
+        if let Some(e) = self.wait_timeout(Some(grace)) {
+            return e;
+        }
+        self.kill()
+    }
+
+    /// Stops the VM now (its vCPUs are kicked out of KVM_RUN) and waits for it.
+    pub fn kill(&self) -> Exit {
+        self.stop.stop();
+        self.wait()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(w) = self.waiter.take() {
+            let _ = w.join();
+        }
+        // The device thread and the user network stop with their handles.
+        if let Some(net) = self.net.take() {
+            net.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shutdown();
+        }
+        self.mem = None;
+    }
+}

@@ -1,0 +1,187 @@
+//! The console: a 16550 UART at 0x3f8 (IRQ 4) built on `vm_superio::Serial`.
+//!
+//! Output goes to a host sink the caller gives (any `Write + Send`), through a
+//! [`ConsoleWriter`] that watches the text for boot milestones (`Run /init as
+//! init process`, `Kernel panic`). Input from the host is queued into the
+//! UART's receive FIFO with [`Serial::enqueue_input`]; the UART raises its
+//! interrupt through an irqfd (an `EventFd` registered on GSI 4).
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+use crate::devices::EventFdTrigger;
+use crate::metrics::Timeline;
+
+/// The console line that marks the kernel handing over to user space.
+pub const INIT_LINE: &str = "Run /init as init process";
+/// The console text that marks a kernel panic.
+pub const PANIC_LINE: &str = "Kernel panic - not syncing";
+
+/// The host side of the console output: forwards bytes to a sink and scans
+/// complete lines for milestones.
+pub struct ConsoleWriter {
+    sink: Box<dyn Write + Send>,
+    timeline: Arc<Timeline>,
+    line: Vec<u8>,
+}
+
+impl ConsoleWriter {
+    const MAX_LINE: usize = 512;
+
+    /// A writer forwarding to `sink` and marking milestones on `timeline`.
+    pub fn new(sink: Box<dyn Write + Send>, timeline: Arc<Timeline>) -> Self {
+        ConsoleWriter {
+            sink,
+            timeline,
+            line: Vec::with_capacity(128),
+        }
+    }
+
+    fn scan(&mut self, buf: &[u8]) {
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.line);
+                if line.contains(INIT_LINE) {
+                    self.timeline.mark_init_started();
+                    tracing::info!(us = self.timeline.now_us(), "guest kernel started /init");
+                } else if line.contains(PANIC_LINE) {
+                    self.timeline.mark_kernel_panic();
+                    tracing::warn!(us = self.timeline.now_us(), "guest kernel panicked");
+                }
+                self.line.clear();
+            } else if self.line.len() < Self::MAX_LINE {
+                self.line.push(b);
+            }
+        }
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.scan(buf);
+        // A sink that fails (closed pipe) must not stop the guest: drop output.
+        if let Err(e) = self.sink.write_all(buf) {
+            tracing::debug!(%e, "console sink write failed");
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if let Err(e) = self.sink.flush() {
+            tracing::debug!(%e, "console sink flush failed");
+        }
+        Ok(())
+    }
+}
+
+type Uart = vm_superio::Serial<EventFdTrigger, NoEvents, ConsoleWriter>;
+
+/// The UART as a bus device (8 ports).
+pub struct Serial {
+    uart: Mutex<Uart>,
+}
+
+impl Serial {
+    /// Ports covered from the base.
+    pub const LEN: u64 = 8;
+
+    /// A UART raising `irq_evt` for interrupts and writing to `out`.
+    pub fn new(irq_evt: EventFd, out: ConsoleWriter) -> Self {
+        Serial {
+            uart: Mutex::new(vm_superio::Serial::new(EventFdTrigger(irq_evt), out)),
+        }
+    }
+
+    fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {
+        self.uart.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the FIFO
+    /// (0 when it is full: try again later).
+    pub fn enqueue_input(&self, input: &[u8]) -> usize {
+        match self.uart().enqueue_raw_bytes(input) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                tracing::debug!(%e, "serial input");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.uart().read(off);
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        if let (Some(b), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.uart().write(off, *b) {
+                tracing::debug!(%e, "serial write");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A sink the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_reaches_sink_and_milestones_are_seen() {
+        let t = Arc::new(Timeline::new(Instant::now()));
+        let sink = Shared::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let s = Serial::new(
+            evt.try_clone().unwrap(),
+            ConsoleWriter::new(Box::new(sink.clone()), t.clone()),
+        );
+        for b in b"[ 1.0] Run /init as init process\r\nKernel panic - not syncing: x\n" {
+            s.write(0, &[*b]);
+        }
+        assert!(t.init_started_us().is_some());
+        assert!(t.kernel_panic_us().is_some());
+        assert!(String::from_utf8_lossy(&sink.0.lock().unwrap()).starts_with("[ 1.0] Run /init"));
+    }
+
+    #[test]
+    fn input_raises_interrupt_and_is_read() {
+        let t = Arc::new(Timeline::new(Instant::now()));
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let s = Serial::new(
+            evt.try_clone().unwrap(),
+            ConsoleWriter::new(Box::new(io::sink()), t),
+        );
+        s.write(1, &[0x01]); // IER: received-data interrupt on
+        assert_eq!(s.enqueue_input(b"hi"), 2);
+        assert_eq!(evt.read().unwrap(), 1);
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut b = [0u8];
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'h');
+    }
+}

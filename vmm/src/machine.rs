@@ -1,0 +1,1029 @@
+//! The machine: configuration ([`VmConfig`]), assembly ([`MachineBuilder`]:
+//! where other code adds MMIO devices, IRQs, eventfds and command-line
+//! fragments before boot), and the running VM ([`Machine`]: vCPU threads,
+//! stop from any thread, wait for the [`ExitReason`] and the [`Metrics`]).
+//!
+//! ```no_run
+//! use osso_vmm::{MachineBuilder, VmConfig};
+//! let config = VmConfig::kernel("vmlinux", Some("initramfs.cpio.gz".into()));
+//! let builder = MachineBuilder::new(config)?;
+//! // builder.add_mmio_device(...), builder.register_irqfd(...), ...
+//! let machine = builder.start()?;
+//! let outcome = machine.wait();
+//! println!("{} after {} us", outcome.exit, outcome.metrics.end_us);
+//! # Ok::<(), osso_vmm::VmmError>(())
+//! ```
+//!
+//! Stopping: [`StopHandle::stop`] records the reason, sets every vCPU's
+//! `immediate_exit` from a signal handler (SIGRTMIN, sent with vmm-sys-util's
+//! `Killable`) so a vCPU inside `KVM_RUN` returns at once with `EINTR`, and a
+//! vCPU about to enter it does not enter.
+
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
+use serde::Serialize;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{self, cmdline, BootEntry, BootSource};
+use crate::bus::{Bus, BusDevice, BusError, SinkDevice};
+use crate::devices::boot_timer::BootTimer;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{ConsoleWriter, Serial};
+use crate::kvm::{self, kvm_err, vcpu, KvmError};
+use crate::layout::{self, LayoutError};
+use crate::metrics::{memory_figures, Metrics, Timeline};
+
+/// The most vCPUs a machine can have.
+pub const MAX_VCPUS: u8 = boot::mptable::MAX_CPUS;
+
+/// What a VM boots and how.
+pub struct VmConfig {
+    /// Kernel + initrd, or raw code.
+    pub boot: BootSource,
+    /// Guest RAM in MiB (default 128).
+    pub mem_mib: u64,
+    /// vCPUs (default 1).
+    pub vcpus: u8,
+    /// Base command line (default [`cmdline::DEFAULT_CMDLINE`]).
+    pub cmdline_base: String,
+    /// Appended last to the command line.
+    pub cmdline_extra: Option<String>,
+    /// The VM is stopped with [`ExitReason::Timeout`] after this long.
+    pub timeout: Option<Duration>,
+    /// Where the guest console output goes (default: discarded).
+    pub console: Box<dyn Write + Send>,
+    /// Host input for the guest console, read on a thread of its own.
+    pub console_input: Option<Box<dyn Read + Send>>,
+    /// The instant the metrics count from (default: [`MachineBuilder::new`]).
+    pub start: Option<Instant>,
+    /// Append the PVM workaround: `None` = when the host's KVM is PVM.
+    pub pvm_workaround: Option<bool>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("boot", &self.boot)
+            .field("mem_mib", &self.mem_mib)
+            .field("vcpus", &self.vcpus)
+            .field("cmdline_base", &self.cmdline_base)
+            .field("cmdline_extra", &self.cmdline_extra)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmConfig {
+    /// Default guest RAM, MiB.
+    pub const DEFAULT_MEM_MIB: u64 = 128;
+
+    /// A config with defaults for `boot`.
+    pub fn new(boot: BootSource) -> Self {
+        VmConfig {
+            boot,
+            mem_mib: Self::DEFAULT_MEM_MIB,
+            vcpus: 1,
+            cmdline_base: cmdline::DEFAULT_CMDLINE.to_string(),
+            cmdline_extra: None,
+            timeout: None,
+            console: Box::new(std::io::sink()),
+            console_input: None,
+            start: None,
+            pvm_workaround: None,
+        }
+    }
+
+    /// A config booting a kernel and an optional initrd.
+    pub fn kernel(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
+        Self::new(BootSource::Kernel {
+            kernel: kernel.into(),
+            initrd,
+        })
+    }
+
+    /// A config running raw code (tiny test guests): loaded at `load_addr`,
+    /// entered at `entry` in `mode`, 16 MiB of RAM.
+    pub fn raw_code(code: Vec<u8>, load_addr: u64, entry: u64, mode: boot::CpuMode) -> Self {
+        let mut c = Self::new(BootSource::RawCode {
+            code,
+            load_addr,
+            entry,
+            mode,
+        });
+        c.mem_mib = 16;
+        c
+    }
+}
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest reset itself (i8042 reset, triple fault, KVM reset event).
+    Reset,
+    /// The guest shut down (KVM shutdown event, or HLT without an in-kernel LAPIC).
+    Shutdown,
+    /// The guest reported a crash (KVM crash event).
+    Panic,
+    /// The configured timeout expired.
+    Timeout,
+    /// The host stopped it.
+    Stopped,
+    /// `KVM_EXIT_INTERNAL_ERROR` (or a failed VM entry).
+    InternalError {
+        /// KVM's suberror (1 = emulation failure); for a failed entry, the
+        /// hardware entry failure reason.
+        suberror: u64,
+        /// The vCPU.
+        vcpu: u8,
+        /// The registers and extra data at the failure, as text.
+        registers: String,
+    },
+    /// A vCPU ioctl failed or KVM exited in a way the VMM does not handle.
+    VcpuError(String),
+}
+
+impl ExitReason {
+    /// Whether the guest ended by itself (reset or shutdown).
+    pub fn guest_ended_by_itself(&self) -> bool {
+        matches!(self, ExitReason::Reset | ExitReason::Shutdown)
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Reset => write!(f, "reset"),
+            ExitReason::Shutdown => write!(f, "shutdown"),
+            ExitReason::Panic => write!(f, "guest panic"),
+            ExitReason::Timeout => write!(f, "timeout"),
+            ExitReason::Stopped => write!(f, "stopped by the host"),
+            ExitReason::InternalError {
+                suberror,
+                vcpu,
+                registers,
+            } => write!(
+                f,
+                "KVM internal error (suberror {suberror}) on vCPU {vcpu}: {registers}"
+            ),
+            ExitReason::VcpuError(e) => write!(f, "vCPU error: {e}"),
+        }
+    }
+}
+
+/// Errors while creating or starting a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `/dev/kvm` is missing or cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible?)")]
+    NoKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Bad memory size or no memory.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Kernel, initrd, command line or boot parameters.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Bad vCPU count.
+    #[error("{0} vCPUs requested: 1 to {max} are supported", max = MAX_VCPUS)]
+    BadVcpuCount(u8),
+    /// A device range conflict.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// No MMIO slot or IRQ left.
+    #[error("no virtio-mmio slot or IRQ left for another device")]
+    NoMmioSlot,
+    /// An eventfd or thread could not be created.
+    #[error("{what}: {source}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// An MMIO slot handed to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Base guest physical address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub len: u64,
+    /// The GSI (IOAPIC pin) of the device.
+    pub irq: u32,
+}
+
+impl MmioSlot {
+    /// The kernel command line fragment declaring a virtio-mmio device here.
+    pub fn virtio_cmdline(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.len / 1024,
+            self.addr,
+            self.irq
+        )
+    }
+}
+
+/// State shared between the vCPU threads, the devices and the handle.
+struct Shared {
+    exit: Mutex<Option<ExitReason>>,
+    exited: Condvar,
+    stop: AtomicBool,
+    end_us: OnceLock<u64>,
+    /// The vCPU threads to kick; emptied before they are joined.
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    exit_evt: EventFd,
+    timeline: Arc<Timeline>,
+}
+
+struct PthreadKick(libc::pthread_t);
+
+// SAFETY: the pthread_t comes from a vCPU thread's JoinHandle and is only used
+// while `Shared::vcpu_threads` holds it, which is cleared (under its mutex)
+// before those threads are joined, so the handle is always valid.
+unsafe impl Killable for PthreadKick {
+    fn pthread_handle(&self) -> libc::pthread_t {
+        self.0
+    }
+}
+
+impl Shared {
+    /// Records `reason` if none was yet, and stops every vCPU.
+    fn request_exit(&self, reason: ExitReason) {
+        let first = {
+            let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+            if exit.is_none() {
+                tracing::info!(%reason, "VM exit");
+                let _ = self.end_us.get_or_init(|| self.timeline.now_us());
+                *exit = Some(reason);
+                true
+            } else {
+                false
+            }
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick_all();
+        if first {
+            let _ = self.exit_evt.write(1);
+        }
+        self.exited.notify_all();
+    }
+
+    fn kick_all(&self) {
+        let threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
+        for t in threads.iter() {
+            if let Err(e) = PthreadKick(*t).kill(vcpu_kick_signal()) {
+                tracing::debug!(%e, "kick vCPU");
+            }
+        }
+    }
+
+    fn reason(&self) -> Option<ExitReason> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A cloneable handle that stops the VM from any thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    shared: Arc<Shared>,
+}
+
+impl StopHandle {
+    /// Stops the VM with [`ExitReason::Stopped`] (unless it already ended).
+    pub fn stop(&self) {
+        self.shared.request_exit(ExitReason::Stopped);
+    }
+
+    /// Whether the VM has ended.
+    pub fn has_exited(&self) -> bool {
+        self.shared.reason().is_some()
+    }
+}
+
+fn vcpu_kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's vCPU `kvm_run` page, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Const-initialised thread local without a destructor: no allocation, no
+    // lock, async-signal-safe in practice.
+    let run = KVM_RUN_PTR.with(|p| p.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's vCPU `kvm_run` mapping, set by
+        // the vCPU loop while it owns the VcpuFd and cleared before the VcpuFd
+        // is dropped; writing `immediate_exit` is what KVM documents for this.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(vcpu_kick_signal(), handle_kick) {
+            tracing::error!(%e, "cannot install the vCPU kick signal handler");
+        }
+    });
+}
+
+/// A machine being assembled: add devices, command-line fragments, irqfds and
+/// ioeventfds here, then [`MachineBuilder::start`].
+pub struct MachineBuilder {
+    config: VmConfig,
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    mem_size: u64,
+    pio: Bus,
+    mmio: Bus,
+    cmdline_fragments: Vec<String>,
+    next_slot: u32,
+    serial: Arc<Serial>,
+    shared: Arc<Shared>,
+    timeline: Arc<Timeline>,
+}
+
+impl MachineBuilder {
+    /// Creates the VM, its guest RAM and the legacy devices (UART, i8042,
+    /// boot timer). Nothing runs yet.
+    pub fn new(mut config: VmConfig) -> Result<Self, VmmError> {
+        let start = config.start.unwrap_or_else(Instant::now);
+        let timeline = Arc::new(Timeline::new(start));
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmmError::BadVcpuCount(config.vcpus));
+        }
+        let mem_size = layout::validate_mem_mib(config.mem_mib)?;
+        let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        let mem = layout::create_guest_memory(config.mem_mib)?;
+        let vm = Arc::new(kvm::create_vm(&kvm, &mem)?);
+        tracing::debug!(us = timeline.now_us(), "setup: VM, guest RAM, irqchip, PIT");
+
+        let os = |what| move |source| VmmError::Os { what, source };
+        let shared = Arc::new(Shared {
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+            stop: AtomicBool::new(false),
+            end_us: OnceLock::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(os("exit eventfd"))?,
+            timeline: timeline.clone(),
+        });
+
+        let pio = Bus::new();
+        let mmio = Bus::new();
+
+        // UART: interrupts through an irqfd on GSI 4.
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("serial eventfd"))?;
+        vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
+        let serial = Arc::new(Serial::new(
+            serial_evt,
+            ConsoleWriter::new(console, timeline.clone()),
+        ));
+        pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT), Serial::LEN)?;
+
+        // i8042: 0xFE on port 0x64 resets the guest.
+        let s = shared.clone();
+        let i8042 = Arc::new(I8042::new(move || s.request_exit(ExitReason::Reset)));
+        pio.insert(i8042, u64::from(layout::I8042_DATA_PORT), I8042::LEN)?;
+
+        // Harmless probes: POST code port 0x80, I/O delay port 0xed, and the
+        // CMOS/RTC index/data ports (no RTC: reads 0, so "update in progress"
+        // is never seen set).
+        pio.insert(Arc::new(SinkDevice), 0x80, 1)?;
+        pio.insert(Arc::new(SinkDevice), 0xed, 1)?;
+        pio.insert(Arc::new(SinkDevice), 0x70, 2)?;
+
+        mmio.insert(
+            Arc::new(BootTimer::new(timeline.clone())),
+            layout::BOOT_TIMER_ADDR,
+            layout::BOOT_TIMER_SIZE,
+        )?;
+
+        tracing::debug!(us = timeline.now_us(), "setup: legacy devices");
+        Ok(MachineBuilder {
+            config,
+            kvm,
+            vm,
+            mem,
+            mem_size,
+            pio,
+            mmio,
+            cmdline_fragments: Vec::new(),
+            next_slot: 0,
+            serial,
+            shared,
+            timeline,
+        })
+    }
+
+    /// The KVM VM, for device code (irqfds, ioeventfds...).
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.vm.clone()
+    }
+
+    /// Guest RAM (a cheap clone sharing the mapping).
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    /// The PIO bus.
+    pub fn pio_bus(&self) -> &Bus {
+        &self.pio
+    }
+
+    /// The MMIO bus.
+    pub fn mmio_bus(&self) -> &Bus {
+        &self.mmio
+    }
+
+    /// The run's timeline (milestones).
+    pub fn timeline(&self) -> Arc<Timeline> {
+        self.timeline.clone()
+    }
+
+    /// An eventfd that becomes readable when the VM ends: device threads
+    /// (event loops) can wait on it to stop.
+    pub fn exit_event(&self) -> Result<EventFd, VmmError> {
+        self.shared
+            .exit_evt
+            .try_clone()
+            .map_err(|source| VmmError::Os {
+                what: "clone exit eventfd",
+                source,
+            })
+    }
+
+    /// A handle that stops the VM (usable before and after start).
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Appends a kernel command line fragment (after the defaults, before the
+    /// PVM workaround and the user's extra text).
+    pub fn add_cmdline(&mut self, fragment: impl Into<String>) {
+        self.cmdline_fragments.push(fragment.into());
+    }
+
+    /// Takes the next virtio-mmio slot (4 KiB at 0xd000_0000 + n * 4 KiB) and
+    /// its IRQ (5 + n) without putting anything there.
+    pub fn allocate_mmio_slot(&mut self) -> Result<MmioSlot, VmmError> {
+        let irq = layout::FIRST_DEVICE_IRQ + self.next_slot;
+        let addr = layout::virtio_mmio_slot_addr(self.next_slot).ok_or(VmmError::NoMmioSlot)?;
+        if irq > layout::LAST_DEVICE_IRQ {
+            return Err(VmmError::NoMmioSlot);
+        }
+        self.next_slot += 1;
+        Ok(MmioSlot {
+            addr,
+            len: layout::VIRTIO_MMIO_SLOT_SIZE,
+            irq,
+        })
+    }
+
+    /// Puts a device on the MMIO bus at an explicit range.
+    pub fn add_mmio_device_at(
+        &mut self,
+        device: Arc<dyn BusDevice>,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), VmmError> {
+        self.mmio.insert(device, addr, len)?;
+        Ok(())
+    }
+
+    /// Puts a virtio-mmio device in the next slot and declares it on the
+    /// command line (`virtio_mmio.device=4K@<addr>:<irq>`). The device raises
+    /// its interrupt by writing an `EventFd` registered with
+    /// [`MachineBuilder::register_irqfd`] on `slot.irq`.
+    pub fn add_virtio_mmio_device(
+        &mut self,
+        device: Arc<dyn BusDevice>,
+    ) -> Result<MmioSlot, VmmError> {
+        let slot = self.allocate_mmio_slot()?;
+        self.mmio.insert(device, slot.addr, slot.len)?;
+        self.cmdline_fragments.push(slot.virtio_cmdline());
+        tracing::debug!(?slot, "virtio-mmio device added");
+        Ok(slot)
+    }
+
+    /// Routes writes of `evt` to guest interrupt `gsi` (KVM irqfd).
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmmError> {
+        self.vm
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        Ok(())
+    }
+
+    /// Makes guest writes to MMIO `addr` signal `evt` in the kernel, without a
+    /// vCPU exit (KVM ioeventfd); with `datamatch`, only writes of that 32-bit
+    /// value (the virtio queue index for `QueueNotify`).
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: Option<u32>,
+    ) -> Result<(), VmmError> {
+        let a = IoEventAddress::Mmio(addr);
+        match datamatch {
+            Some(v) => self.vm.register_ioevent(evt, &a, v),
+            None => self.vm.register_ioevent(evt, &a, NoDatamatch),
+        }
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        Ok(())
+    }
+
+    /// The UART, e.g. to queue console input.
+    pub fn serial(&self) -> Arc<Serial> {
+        self.serial.clone()
+    }
+
+    /// The command line the kernel will get (as [`MachineBuilder::start`] builds it).
+    pub fn kernel_cmdline(&self) -> Result<String, VmmError> {
+        let pvm = self
+            .config
+            .pvm_workaround
+            .unwrap_or_else(cmdline::host_kvm_is_pvm);
+        let c = cmdline::assemble(
+            &self.config.cmdline_base,
+            Some(layout::BOOT_TIMER_ADDR),
+            &self.cmdline_fragments,
+            pvm,
+            self.config.cmdline_extra.as_deref(),
+        );
+        Ok(c.render().map_err(boot::BootError::from)?)
+    }
+
+    /// Loads what is to be booted, configures the vCPUs and starts them.
+    pub fn start(mut self) -> Result<Machine, VmmError> {
+        let (entry, protocol): (BootEntry, &'static str) = match &self.config.boot {
+            BootSource::Kernel { kernel, initrd } => {
+                let pvm = self
+                    .config
+                    .pvm_workaround
+                    .unwrap_or_else(cmdline::host_kvm_is_pvm);
+                if pvm {
+                    tracing::info!(
+                        workaround = cmdline::PVM_WORKAROUND,
+                        "host KVM is PVM (/sys/module/kvm_pvm): appending the workaround to the kernel command line"
+                    );
+                }
+                let line = self.kernel_cmdline()?;
+                tracing::info!(cmdline = %line, "kernel command line");
+                let k =
+                    boot::load_kernel(&self.mem, self.mem_size, kernel, initrd.as_deref(), &line)?;
+                (k.entry, k.entry.protocol.name())
+            }
+            BootSource::RawCode {
+                code,
+                load_addr,
+                entry,
+                mode,
+            } => {
+                let e =
+                    boot::load_raw_code(&self.mem, self.mem_size, code, *load_addr, *entry, *mode)?;
+                (e, e.protocol.name())
+            }
+        };
+        boot::mptable::write(&self.mem, self.config.vcpus).map_err(boot::BootError::from)?;
+        tracing::debug!(us = self.timeline.now_us(), "setup: guest loaded");
+
+        let cpuid = vcpu::supported_cpuid(&self.kvm)?;
+        let mut vcpus = Vec::with_capacity(usize::from(self.config.vcpus));
+        for id in 0..self.config.vcpus {
+            let fd = self
+                .vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let c = vcpu::patch_cpuid(&cpuid, id, self.config.vcpus)?;
+            vcpu::configure(&fd, &c)?;
+            if id == 0 {
+                vcpu::set_boot_registers(&fd, &entry)?;
+            }
+            vcpus.push(fd);
+        }
+
+        tracing::debug!(us = self.timeline.now_us(), "setup: vCPUs configured");
+        install_kick_handler();
+        let mut handles = Vec::with_capacity(vcpus.len());
+        {
+            // Hold the list while spawning so a stop cannot miss a thread.
+            let mut threads = self
+                .shared
+                .vcpu_threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (id, fd) in vcpus.into_iter().enumerate() {
+                let ctx = VcpuContext {
+                    id: id as u8,
+                    pio: self.pio.clone(),
+                    mmio: self.mmio.clone(),
+                    shared: self.shared.clone(),
+                };
+                let h = std::thread::Builder::new()
+                    .name(format!("osso-vcpu{id}"))
+                    .spawn(move || ctx.run(fd))
+                    .map_err(|source| VmmError::Os {
+                        what: "spawn vCPU thread",
+                        source,
+                    });
+                let h = match h {
+                    Ok(h) => h,
+                    Err(e) => {
+                        drop(threads);
+                        self.shared.request_exit(ExitReason::Stopped);
+                        join_all(&self.shared, handles);
+                        return Err(e);
+                    }
+                };
+                threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&h));
+                handles.push(h);
+            }
+        }
+
+        if let Some(input) = self.config.console_input.take() {
+            spawn_console_input(input, self.serial.clone(), self.shared.clone());
+        }
+
+        let deadline = self.config.timeout.map(|t| self.timeline.start() + t);
+        Ok(Machine {
+            vm: self.vm,
+            mem: self.mem,
+            serial: self.serial,
+            shared: self.shared,
+            timeline: self.timeline,
+            handles,
+            deadline,
+            protocol,
+            _kvm: self.kvm,
+        })
+    }
+}
+
+fn join_all(shared: &Shared, handles: Vec<JoinHandle<()>>) {
+    // No more kicks once joining starts: the pthread handles go stale.
+    shared
+        .vcpu_threads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    for h in handles {
+        if h.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Serial>, shared: Arc<Shared>) {
+    let r = std::thread::Builder::new()
+        .name("osso-console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            while !shared.stop.load(Ordering::SeqCst) {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() && !shared.stop.load(Ordering::SeqCst) {
+                    let done = serial.enqueue_input(rest);
+                    rest = &rest[done..];
+                    if done == 0 {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        });
+    if let Err(e) = r {
+        tracing::warn!(%e, "no console input thread");
+    }
+}
+
+struct VcpuContext {
+    id: u8,
+    pio: Bus,
+    mmio: Bus,
+    shared: Arc<Shared>,
+}
+
+/// What the loop does after an exit (decided once the exit's borrow of the
+/// vCPU ends).
+enum Next {
+    Continue,
+    Exit(ExitReason),
+    InternalError,
+    FailEntry(u64),
+}
+
+impl VcpuContext {
+    fn run(self, mut vcpu: VcpuFd) {
+        KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
+        let mut unknown_logged = 0u32;
+        loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                // Where the guest was when the host stopped it (timeouts,
+                // stops): cheap, and what one needs to debug a hung boot.
+                tracing::debug!(vcpu = self.id, regs = %dump_registers(&vcpu), "vCPU stopped");
+                break;
+            }
+            if self.id == 0 {
+                self.shared.timeline.mark_first_kvm_run();
+            }
+            let next = match vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !self.pio.write(u64::from(port), data) && unknown_logged < 32 {
+                        unknown_logged += 1;
+                        tracing::trace!(
+                            port = format_args!("{port:#x}"),
+                            ?data,
+                            "PIO write to nothing"
+                        );
+                    }
+                    Next::Continue
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(u64::from(port), data) && unknown_logged < 32 {
+                        unknown_logged += 1;
+                        tracing::trace!(port = format_args!("{port:#x}"), "PIO read from nothing");
+                    }
+                    Next::Continue
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !self.mmio.write(addr, data) && unknown_logged < 32 {
+                        unknown_logged += 1;
+                        tracing::debug!(
+                            addr = format_args!("{addr:#x}"),
+                            ?data,
+                            "MMIO write to nothing: ignored"
+                        );
+                    }
+                    Next::Continue
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(addr, data) && unknown_logged < 32 {
+                        unknown_logged += 1;
+                        tracing::debug!(
+                            addr = format_args!("{addr:#x}"),
+                            "MMIO read from nothing: all ones"
+                        );
+                    }
+                    Next::Continue
+                }
+                Ok(VcpuExit::Hlt) => Next::Exit(ExitReason::Shutdown),
+                // A triple fault: the guest's way to reset (reboot=t).
+                Ok(VcpuExit::Shutdown) => Next::Exit(ExitReason::Reset),
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Exit(ExitReason::Shutdown),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Exit(ExitReason::Reset),
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => Next::Exit(ExitReason::Panic),
+                    other => {
+                        tracing::debug!(other, "system event ignored");
+                        Next::Continue
+                    }
+                },
+                Ok(VcpuExit::InternalError) => Next::InternalError,
+                Ok(VcpuExit::FailEntry(reason, _cpu)) => Next::FailEntry(reason),
+                Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::IoapicEoi(_)) => {
+                    Next::Continue
+                }
+                Ok(other) => Next::Exit(ExitReason::VcpuError(format!(
+                    "unhandled KVM exit {other:?}"
+                ))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    vcpu.set_kvm_immediate_exit(0);
+                    Next::Continue
+                }
+                Err(e) => Next::Exit(ExitReason::VcpuError(format!("KVM_RUN failed: {e}"))),
+            };
+            match next {
+                Next::Continue => {}
+                Next::Exit(reason) => {
+                    self.shared.request_exit(reason);
+                    break;
+                }
+                Next::InternalError => {
+                    let run = vcpu.get_kvm_run();
+                    // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so
+                    // `internal` is the union member KVM filled in.
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    let data: Vec<String> = internal.data[..n]
+                        .iter()
+                        .map(|d| format!("{d:#x}"))
+                        .collect();
+                    let registers =
+                        format!("{}; data [{}]", dump_registers(&vcpu), data.join(", "));
+                    self.shared.request_exit(ExitReason::InternalError {
+                        suberror: u64::from(internal.suberror),
+                        vcpu: self.id,
+                        registers,
+                    });
+                    break;
+                }
+                Next::FailEntry(reason) => {
+                    self.shared.request_exit(ExitReason::InternalError {
+                        suberror: reason,
+                        vcpu: self.id,
+                        registers: format!("VM entry failed; {}", dump_registers(&vcpu)),
+                    });
+                    break;
+                }
+            }
+        }
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+fn dump_registers(vcpu: &VcpuFd) -> String {
+    let mut s = String::new();
+    match vcpu.get_regs() {
+        Ok(r) => s.push_str(&format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        )),
+        Err(e) => s.push_str(&format!("regs unavailable: {e}")),
+    }
+    match vcpu.get_sregs() {
+        Ok(sr) => s.push_str(&format!(
+            " cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{:#x}",
+            sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.efer, sr.cs.selector, sr.cs.base
+        )),
+        Err(e) => s.push_str(&format!(" sregs unavailable: {e}")),
+    }
+    s
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// Why.
+    pub exit: ExitReason,
+    /// What was measured.
+    pub metrics: Metrics,
+}
+
+/// A running VM.
+pub struct Machine {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    serial: Arc<Serial>,
+    shared: Arc<Shared>,
+    timeline: Arc<Timeline>,
+    handles: Vec<JoinHandle<()>>,
+    deadline: Option<Instant>,
+    protocol: &'static str,
+    _kvm: Kvm,
+}
+
+impl Machine {
+    /// A handle that stops the VM from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Stops the VM with [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        self.stop_handle().stop();
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.vm.clone()
+    }
+
+    /// Guest RAM.
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    /// The run's timeline (milestones so far).
+    pub fn timeline(&self) -> Arc<Timeline> {
+        self.timeline.clone()
+    }
+
+    /// Queues console input for the guest; returns the bytes accepted.
+    pub fn send_console_input(&self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_input(bytes)
+    }
+
+    /// Waits for the VM to end (by itself, a stop, or the timeout), joins the
+    /// vCPU threads and returns the reason and the metrics.
+    pub fn wait(mut self) -> RunOutcome {
+        {
+            let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+            while exit.is_none() {
+                match self.deadline {
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            drop(exit);
+                            self.shared.request_exit(ExitReason::Timeout);
+                            exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+                            continue;
+                        }
+                        exit = self
+                            .shared
+                            .exited
+                            .wait_timeout(exit, d - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    None => {
+                        exit = self
+                            .shared
+                            .exited
+                            .wait(exit)
+                            .unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+            }
+        }
+        // Make sure every vCPU is on its way out, then join them.
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.kick_all();
+        join_all(&self.shared, std::mem::take(&mut self.handles));
+        let exit = self.shared.reason().unwrap_or(ExitReason::Stopped);
+        let mem = memory_figures(&self.mem);
+        let t = &self.timeline;
+        let metrics = Metrics {
+            start_us: 0,
+            first_kvm_run_us: t.first_kvm_run_us(),
+            init_started_us: t.init_started_us(),
+            kernel_panic_us: t.kernel_panic_us(),
+            boot_timer_us: t.boot_timer_us(),
+            end_us: self
+                .shared
+                .end_us
+                .get()
+                .copied()
+                .unwrap_or_else(|| t.now_us()),
+            exit_reason: exit.to_string(),
+            boot_protocol: self.protocol.to_string(),
+            guest_mem_bytes: mem.guest_mem_bytes,
+            guest_resident_bytes: mem.guest_resident_bytes,
+            process_rss_bytes: mem.process_rss_bytes,
+            vmm_rss_bytes: mem.vmm_rss_bytes,
+            vmm_anon_rss_bytes: mem.vmm_anon_rss_bytes,
+        };
+        RunOutcome { exit, metrics }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            self.shared.request_exit(ExitReason::Stopped);
+            join_all(&self.shared, std::mem::take(&mut self.handles));
+        }
+    }
+}
+
+/// Creates, starts and waits for a VM: the whole run in one call.
+pub fn run(config: VmConfig) -> Result<RunOutcome, VmmError> {
+    Ok(MachineBuilder::new(config)?.start()?.wait())
+}
+
+impl std::fmt::Debug for MachineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineBuilder")
+            .field("config", &self.config)
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .field("cmdline_fragments", &self.cmdline_fragments)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vcpus", &self.handles.len())
+            .field("protocol", &self.protocol)
+            .field("exit", &self.shared.reason())
+            .finish_non_exhaustive()
+    }
+}

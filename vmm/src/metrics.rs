@@ -1,0 +1,238 @@
+//! Per-run metrics: a timeline of boot milestones and memory figures.
+//!
+//! Every timestamp is a duration from the VM's start instant (the moment the
+//! caller says the VM was requested: [`crate::VmConfig::start`], by default the
+//! call that created the machine), in microseconds, measured with the
+//! monotonic clock (`std::time::Instant`).
+//!
+//! Memory: the guest RAM resident is counted with `mincore(2)` over the guest
+//! RAM mapping (pages the guest touched, or the VMM wrote while loading); the
+//! process RSS is `/proc/self/statm`'s resident count; the VMM's own RSS is the
+//! difference; the VMM's anonymous RSS is `RssAnon` of `/proc/self/status` less
+//! the guest resident (heap and stacks, without shared library pages). All are
+//! taken when the VM ends, before guest RAM is unmapped.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use serde::Serialize;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Milestones of one run, recorded from any thread.
+#[derive(Debug)]
+pub struct Timeline {
+    start: Instant,
+    first_kvm_run: OnceLock<u64>,
+    init_started: OnceLock<u64>,
+    kernel_panic: OnceLock<u64>,
+    boot_timer: OnceLock<u64>,
+}
+
+impl Timeline {
+    /// A timeline starting at `start`.
+    pub fn new(start: Instant) -> Self {
+        Timeline {
+            start,
+            first_kvm_run: OnceLock::new(),
+            init_started: OnceLock::new(),
+            kernel_panic: OnceLock::new(),
+            boot_timer: OnceLock::new(),
+        }
+    }
+
+    /// The start instant.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Microseconds from the start to now.
+    pub fn now_us(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Records the first `KVM_RUN` (only the first call counts).
+    pub fn mark_first_kvm_run(&self) {
+        let _ = self.first_kvm_run.get_or_init(|| self.now_us());
+    }
+    /// Records the console line `Run /init as init process`.
+    pub fn mark_init_started(&self) {
+        let _ = self.init_started.get_or_init(|| self.now_us());
+    }
+    /// Records a kernel panic line on the console.
+    pub fn mark_kernel_panic(&self) {
+        let _ = self.kernel_panic.get_or_init(|| self.now_us());
+    }
+    /// Records the guest's boot-timer write.
+    pub fn mark_boot_timer(&self) {
+        let _ = self.boot_timer.get_or_init(|| self.now_us());
+    }
+
+    /// First `KVM_RUN`, if any.
+    pub fn first_kvm_run_us(&self) -> Option<u64> {
+        self.first_kvm_run.get().copied()
+    }
+    /// `Run /init as init process` seen, if any.
+    pub fn init_started_us(&self) -> Option<u64> {
+        self.init_started.get().copied()
+    }
+    /// Kernel panic seen, if any.
+    pub fn kernel_panic_us(&self) -> Option<u64> {
+        self.kernel_panic.get().copied()
+    }
+    /// Boot timer written, if ever.
+    pub fn boot_timer_us(&self) -> Option<u64> {
+        self.boot_timer.get().copied()
+    }
+}
+
+/// What one run measured. Serialised by `osso-vmm --metrics-json`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Metrics {
+    /// Always 0: the reference point of the other timestamps.
+    pub start_us: u64,
+    /// Start to the first `KVM_RUN` (VMM setup time).
+    pub first_kvm_run_us: Option<u64>,
+    /// Start to the console line `Run /init as init process`.
+    pub init_started_us: Option<u64>,
+    /// Start to a `Kernel panic` console line.
+    pub kernel_panic_us: Option<u64>,
+    /// Start to the guest's write of 123 to the boot timer.
+    pub boot_timer_us: Option<u64>,
+    /// Start to the end of the VM.
+    pub end_us: u64,
+    /// Why the VM ended (see [`crate::ExitReason`]), as text.
+    pub exit_reason: String,
+    /// Boot protocol used (`pvh`, `linux-64bit`, `raw-code`).
+    pub boot_protocol: String,
+    /// Guest RAM size, bytes.
+    pub guest_mem_bytes: u64,
+    /// Guest RAM resident in the VMM process, bytes (mincore on the mapping).
+    pub guest_resident_bytes: u64,
+    /// Whole process RSS, bytes (/proc/self/statm).
+    pub process_rss_bytes: u64,
+    /// Process RSS without the guest RAM resident, bytes.
+    pub vmm_rss_bytes: u64,
+    /// Anonymous (private: heap, stacks) RSS without the guest RAM resident,
+    /// bytes: the VMM's own memory without the shared library and
+    /// executable pages counted in `vmm_rss_bytes`.
+    pub vmm_anon_rss_bytes: u64,
+}
+
+/// Memory figures at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryFigures {
+    /// Guest RAM size, bytes.
+    pub guest_mem_bytes: u64,
+    /// Guest RAM resident, bytes.
+    pub guest_resident_bytes: u64,
+    /// Process RSS, bytes.
+    pub process_rss_bytes: u64,
+    /// Process RSS less guest resident, bytes.
+    pub vmm_rss_bytes: u64,
+    /// Anonymous RSS less guest resident, bytes.
+    pub vmm_anon_rss_bytes: u64,
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(ps).ok().filter(|p| *p > 0).unwrap_or(4096)
+}
+
+/// The process's resident set size in bytes, from `/proc/self/statm`.
+pub fn process_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page_size())
+        .unwrap_or(0)
+}
+
+/// The process's anonymous resident memory in bytes (`RssAnon` in
+/// `/proc/self/status`).
+pub fn process_anon_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+/// Resident bytes of guest RAM, counted with `mincore(2)` over each region.
+pub fn guest_resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    let ps = page_size();
+    let mut total = 0u64;
+    for region in mem.iter() {
+        let len = region.len();
+        let Ok(ptr) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        let Ok(len_usize) = usize::try_from(len) else {
+            continue;
+        };
+        let pages = len_usize.div_ceil(ps as usize);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `ptr..ptr+len` is the live, page-aligned mapping of this
+        // region (owned by `mem`, which we borrow), and `vec` has one byte per
+        // page of it, as mincore requires.
+        let rc = unsafe { libc::mincore(ptr.cast(), len_usize, vec.as_mut_ptr()) };
+        if rc == 0 {
+            total += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * ps;
+        }
+    }
+    total
+}
+
+/// Measures the memory figures now.
+pub fn memory_figures(mem: &GuestMemoryMmap) -> MemoryFigures {
+    let guest_resident_bytes = guest_resident_bytes(mem);
+    let process_rss_bytes = process_rss_bytes();
+    let anon = process_anon_rss_bytes();
+    MemoryFigures {
+        vmm_anon_rss_bytes: anon.saturating_sub(guest_resident_bytes),
+        guest_mem_bytes: mem.iter().map(|r| r.len()).sum(),
+        guest_resident_bytes,
+        process_rss_bytes,
+        vmm_rss_bytes: process_rss_bytes.saturating_sub(guest_resident_bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn timeline_keeps_first_mark() {
+        let t = Timeline::new(Instant::now());
+        assert_eq!(t.boot_timer_us(), None);
+        t.mark_boot_timer();
+        let first = t.boot_timer_us().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        t.mark_boot_timer();
+        assert_eq!(t.boot_timer_us(), Some(first));
+    }
+
+    #[test]
+    fn guest_resident_counts_touched_pages() {
+        let mem = crate::layout::create_guest_memory(16).unwrap();
+        let before = guest_resident_bytes(&mem);
+        assert_eq!(before, 0, "fresh anonymous mapping has nothing resident");
+        for i in 0..10u64 {
+            mem.write_obj(1u8, GuestAddress(i * 4096)).unwrap();
+        }
+        // At least the ten pages (transparent huge pages may bring in more).
+        assert!(guest_resident_bytes(&mem) >= 10 * 4096);
+        let f = memory_figures(&mem);
+        assert_eq!(f.guest_mem_bytes, 16 << 20);
+        assert!(f.process_rss_bytes > f.guest_resident_bytes);
+        assert_eq!(
+            f.vmm_rss_bytes,
+            f.process_rss_bytes - f.guest_resident_bytes
+        );
+        assert!(f.vmm_anon_rss_bytes > 0 && f.vmm_anon_rss_bytes < f.vmm_rss_bytes);
+    }
+}

@@ -1,0 +1,1088 @@
+//! The `user` backend: a rootless network stack inside the VMM (smoltcp).
+//!
+//! The stack is the guest's gateway, **10.0.2.2** (MAC 52:55:0a:00:02:02), for
+//! a guest at **10.0.2.15/24** (QEMU's user-networking addresses). It:
+//!
+//! * answers ARP for 10.0.2.2 and ICMP echo (ping) to 10.0.2.2;
+//! * lets host code reach guest TCP ports: [`UserNetHandle::connect`] returns
+//!   a connected `UnixStream` whose bytes are relayed to and from the guest
+//!   port, and [`UserNetHandle::forward`] (the CLI's `--forward H:G`)
+//!   listens on **127.0.0.1**:H and relays each accepted connection likewise;
+//! * lets host code ping the guest ([`UserNetHandle::ping_guest`]), from
+//!   10.0.2.2, and get the round trip;
+//! * lets the guest open TCP connections to 10.0.2.2:P, relayed to the
+//!   host's **127.0.0.1**:P, only for the ports P the caller allowed
+//!   ([`UserNetConfig::allowed_host_ports`], [`UserNetHandle::allow_host_port`]).
+//!   The stack connects to the host port before answering the guest's SYN,
+//!   so a closed host port is a reset for the guest.
+//!
+//! **No egress, by default and by design**: a packet for any address other
+//! than 10.0.2.2 (the Internet, the host's LAN, other guests) is dropped and
+//! counted ([`UserNetStats::dropped_egress`]); so is UDP (no DNS, no DHCP:
+//! give the guest a static address, e.g. `ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off`),
+//! and a TCP SYN to a port not allowed gets a reset. The only host sockets
+//! this module ever opens are on 127.0.0.1. That is a security property of
+//! Osso's default network.
+//!
+//! Threads: [`UserNet::start`] spawns one thread ("osso-usernet") that owns
+//! the smoltcp interface and the host sockets and sleeps in `poll(2)`. The
+//! virtio-net device thread exchanges frames with it through two bounded
+//! queues ([`UserNetBackend`]); host code talks to it through
+//! [`UserNetHandle`] (cloneable, `Send + Sync`). The thread stops when the
+//! backend and every handle are dropped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::{icmp, tcp};
+use smoltcp::time::{Duration as SDuration, Instant as SInstant};
+use smoltcp::wire::{
+    ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress,
+    Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, IpProtocol, Ipv4Packet, TcpPacket,
+};
+use tracing::{debug, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{NetBackend, PortForward};
+
+/// The gateway's (the stack's) address.
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The guest's address (configure the guest with it).
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The network's prefix length.
+pub const PREFIX_LEN: u8 = 24;
+/// The gateway's MAC.
+pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
+
+/// Frames queued in either direction before new ones are dropped.
+const MAX_QUEUED_FRAMES: usize = 1024;
+/// TCP buffers per connection, each direction.
+const TCP_BUF: usize = 64 * 1024;
+/// Simultaneous relayed TCP connections.
+const MAX_CONNS: usize = 1024;
+/// ICMP identifier of [`UserNetHandle::ping_guest`]'s echo requests.
+const PING_IDENT: u16 = 0x4f53;
+/// Payload of those requests (as `ping`'s default 56 bytes).
+const PING_PAYLOAD: usize = 56;
+/// First local port of connections to the guest.
+const EPHEMERAL_FIRST: u16 = 49152;
+/// A TCP connection with no progress for this long is aborted.
+const TCP_TIMEOUT: SDuration = SDuration::from_secs(60);
+
+/// Configuration of the user network.
+#[derive(Debug, Clone, Default)]
+pub struct UserNetConfig {
+    /// Host 127.0.0.1 ports forwarded to guest ports (listening from start).
+    pub forwards: Vec<PortForward>,
+    /// Host loopback ports the guest may connect to at 10.0.2.2.
+    pub allowed_host_ports: Vec<u16>,
+}
+
+/// Errors starting the user network or using its handle.
+#[derive(Debug, thiserror::Error)]
+pub enum UserNetError {
+    #[error("creating an EventFd: {0}")]
+    EventFd(io::Error),
+    #[error("listening on 127.0.0.1:{port} for a forward: {source}")]
+    Bind { port: u16, source: io::Error },
+    #[error("starting the network thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Counters of the user network (see [`UserNetHandle::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserNetStats {
+    /// Frames from the guest accepted into the stack.
+    pub frames_from_guest: u64,
+    /// Frames the stack sent to the guest.
+    pub frames_to_guest: u64,
+    /// IPv4 packets for any address other than 10.0.2.2: no egress.
+    pub dropped_egress: u64,
+    /// Frames of protocols the gateway does not serve (UDP, IPv6, multicast, ...).
+    pub dropped_unsupported: u64,
+    /// ARP packets not asking for 10.0.2.2.
+    pub dropped_arp: u64,
+    /// Frames too short or malformed.
+    pub dropped_malformed: u64,
+    /// Frames dropped because a queue was full.
+    pub dropped_queue_full: u64,
+    /// Guest SYNs to 10.0.2.2 ports not allowed (answered with a reset).
+    pub tcp_refused: u64,
+    /// Allowed guest connections whose host loopback port refused.
+    pub host_connect_failed: u64,
+    /// TCP connections relayed (both directions), since start.
+    pub connections: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    frames_from_guest: AtomicU64,
+    frames_to_guest: AtomicU64,
+    dropped_egress: AtomicU64,
+    dropped_unsupported: AtomicU64,
+    dropped_arp: AtomicU64,
+    dropped_malformed: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    tcp_refused: AtomicU64,
+    host_connect_failed: AtomicU64,
+    connections: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+enum Command {
+    Connect {
+        guest_port: u16,
+        host: UnixStream,
+        reply: mpsc::Sender<io::Result<()>>,
+    },
+    Forward {
+        listener: TcpListener,
+        guest_port: u16,
+    },
+    Allow {
+        port: u16,
+    },
+    Ping {
+        seq: u16,
+        reply: mpsc::Sender<io::Result<Duration>>,
+    },
+}
+
+struct Shared {
+    from_guest: Mutex<VecDeque<Vec<u8>>>,
+    to_guest: Mutex<VecDeque<Vec<u8>>>,
+    /// Readable while `to_guest` may hold frames (the device's ready fd).
+    to_guest_evt: EventFd,
+    /// Wakes the stack thread: frames from the guest, commands, stop.
+    wake: EventFd,
+    commands: Mutex<VecDeque<Command>>,
+    allowed: RwLock<BTreeSet<u16>>,
+    stop: AtomicBool,
+    c: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn command(&self, cmd: Command) {
+        lock(&self.commands).push_back(cmd);
+        self.wake_up();
+    }
+
+    fn wake_up(&self) {
+        if let Err(e) = self.wake.write(1) {
+            warn!("user network: waking the stack: {e}");
+        }
+    }
+}
+
+/// Stops and joins the stack thread when the last user goes.
+struct Owner {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake_up();
+        if let Some(t) = lock(&self.thread).take() {
+            if t.join().is_err() {
+                warn!("user network: the stack thread panicked");
+            }
+        }
+    }
+}
+
+/// Starts user networks.
+#[derive(Debug)]
+pub struct UserNet;
+
+impl UserNet {
+    /// Starts the stack's thread, binds `cfg.forwards` on 127.0.0.1 and
+    /// allows `cfg.allowed_host_ports`. Returns the backend to give to
+    /// `NetDevice::new` and the handle host code keeps.
+    pub fn start(cfg: UserNetConfig) -> Result<(UserNetBackend, UserNetHandle), UserNetError> {
+        let shared = Arc::new(Shared {
+            from_guest: Mutex::default(),
+            to_guest: Mutex::default(),
+            to_guest_evt: EventFd::new(EFD_NONBLOCK).map_err(UserNetError::EventFd)?,
+            wake: EventFd::new(EFD_NONBLOCK).map_err(UserNetError::EventFd)?,
+            commands: Mutex::default(),
+            allowed: RwLock::default(),
+            stop: AtomicBool::new(false),
+            c: Counters::default(),
+        });
+        let stack = Stack::new(shared.clone());
+        let thread = std::thread::Builder::new()
+            .name("osso-usernet".into())
+            .spawn(move || stack.run())
+            .map_err(UserNetError::Thread)?;
+        let owner = Arc::new(Owner {
+            shared: shared.clone(),
+            thread: Mutex::new(Some(thread)),
+        });
+        let handle = UserNetHandle {
+            shared: shared.clone(),
+            _owner: owner.clone(),
+        };
+        for f in &cfg.forwards {
+            handle
+                .forward(f.host_port, f.guest_port)
+                .map_err(|source| UserNetError::Bind {
+                    port: f.host_port,
+                    source,
+                })?;
+        }
+        for &p in &cfg.allowed_host_ports {
+            handle.allow_host_port(p);
+        }
+        Ok((
+            UserNetBackend {
+                shared,
+                _owner: owner,
+            },
+            handle,
+        ))
+    }
+}
+
+/// The device side of the user network (a [`NetBackend`]).
+pub struct UserNetBackend {
+    shared: Arc<Shared>,
+    _owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for UserNetBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserNetBackend")
+    }
+}
+
+impl NetBackend for UserNetBackend {
+    fn ready_fd(&self) -> Option<RawFd> {
+        Some(self.shared.to_guest_evt.as_raw_fd())
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        // Policy drops are not errors: they are counted in the stats.
+        if !admit(frame, &self.shared) {
+            return Ok(());
+        }
+        {
+            let mut q = lock(&self.shared.from_guest);
+            if q.len() >= MAX_QUEUED_FRAMES {
+                inc(&self.shared.c.dropped_queue_full);
+                return Ok(());
+            }
+            q.push_back(frame.to_vec());
+        }
+        inc(&self.shared.c.frames_from_guest);
+        self.shared.wake_up();
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let pop = |buf: &mut [u8]| {
+            lock(&self.shared.to_guest).pop_front().map(|f| {
+                let n = f.len().min(buf.len());
+                buf[..n].copy_from_slice(&f[..n]);
+                n
+            })
+        };
+        if let Some(n) = pop(buf) {
+            return Ok(n);
+        }
+        // Empty: clear the EventFd, then look again in case a frame came in
+        // between (the stack writes the EventFd after queueing).
+        let _ = self.shared.to_guest_evt.read();
+        pop(buf).ok_or_else(|| io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// Decides whether a frame from the guest may enter the stack; counts the
+/// ones that may not.
+fn admit(frame: &[u8], shared: &Shared) -> bool {
+    let c = &shared.c;
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        inc(&c.dropped_malformed);
+        return false;
+    };
+    let dst = eth.dst_addr();
+    if dst != EthernetAddress(GATEWAY_MAC) && !dst.is_broadcast() {
+        inc(&c.dropped_unsupported);
+        return false;
+    }
+    match eth.ethertype() {
+        EthernetProtocol::Arp => {
+            let repr = ArpPacket::new_checked(eth.payload()).and_then(|p| ArpRepr::parse(&p));
+            match repr {
+                Ok(ArpRepr::EthernetIpv4 {
+                    target_protocol_addr,
+                    ..
+                }) if target_protocol_addr == GATEWAY_IP => true,
+                Ok(_) => {
+                    inc(&c.dropped_arp);
+                    false
+                }
+                Err(_) => {
+                    inc(&c.dropped_malformed);
+                    false
+                }
+            }
+        }
+        EthernetProtocol::Ipv4 => {
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                inc(&c.dropped_malformed);
+                return false;
+            };
+            if ip.dst_addr() != GATEWAY_IP {
+                inc(&c.dropped_egress);
+                return false;
+            }
+            match ip.next_header() {
+                IpProtocol::Icmp => true,
+                IpProtocol::Tcp => {
+                    if let Ok(tcp) = TcpPacket::new_checked(ip.payload()) {
+                        let allowed = shared
+                            .allowed
+                            .read()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .contains(&tcp.dst_port());
+                        if tcp.syn() && !tcp.ack() && !allowed {
+                            // smoltcp answers it with a reset.
+                            inc(&c.tcp_refused);
+                        }
+                    }
+                    true
+                }
+                _ => {
+                    inc(&c.dropped_unsupported);
+                    false
+                }
+            }
+        }
+        _ => {
+            inc(&c.dropped_unsupported);
+            false
+        }
+    }
+}
+
+/// The host side of a user network: connect to / forward to / ping the
+/// guest, allow host ports, read the counters. Cheap to clone.
+#[derive(Clone)]
+pub struct UserNetHandle {
+    shared: Arc<Shared>,
+    _owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for UserNetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserNetHandle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl UserNetHandle {
+    /// Opens a TCP connection from 10.0.2.2 to the guest's `guest_port` and
+    /// returns, once the guest accepted it, a `UnixStream` whose bytes are
+    /// relayed to and from that connection (EOF on either side is relayed as
+    /// a FIN). Errors: `ConnectionRefused` if the guest answered with a
+    /// reset (no listener), `TimedOut` if it did not answer within `timeout`.
+    pub fn connect(&self, guest_port: u16, timeout: Duration) -> io::Result<UnixStream> {
+        let (mine, stack_end) = UnixStream::pair()?;
+        stack_end.set_nonblocking(true)?;
+        let (tx, rx) = mpsc::channel();
+        self.shared.command(Command::Connect {
+            guest_port,
+            host: stack_end,
+            reply: tx,
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(mine),
+            Ok(Err(e)) => Err(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("guest port {guest_port} did not answer within {timeout:?}"),
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other(
+                "the user network stopped or could not open the connection",
+            )),
+        }
+    }
+
+    /// Listens on 127.0.0.1:`host_port` (0: any free port) and relays every
+    /// accepted connection to the guest's `guest_port` (a guest reset
+    /// becomes a reset for the host client). Returns the bound address.
+    pub fn forward(&self, host_port: u16, guest_port: u16) -> io::Result<SocketAddr> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, host_port))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        self.shared.command(Command::Forward {
+            listener,
+            guest_port,
+        });
+        Ok(addr)
+    }
+
+    /// Lets the guest connect to 10.0.2.2:`port`, relayed to 127.0.0.1:`port`.
+    pub fn allow_host_port(&self, port: u16) {
+        self.shared
+            .allowed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(port);
+        self.shared.command(Command::Allow { port });
+    }
+
+    /// Sends one ICMP echo request (identifier 0x4f53, sequence `seq`, 56
+    /// bytes) from 10.0.2.2 to the guest at 10.0.2.15 and waits up to
+    /// `timeout` for the reply. Returns the round trip measured inside the
+    /// stack (request handed to the device queue to reply taken from it, so
+    /// it includes the guest's and the virtio path's time, not the caller's
+    /// thread wake-ups). Errors: `TimedOut` without a reply; `WouldBlock`
+    /// (also after `timeout`) when too many earlier requests still wait for
+    /// the guest's ARP answer. Retrying in a loop until the guest is up is
+    /// the intended use.
+    pub fn ping_guest(&self, seq: u16, timeout: Duration) -> io::Result<Duration> {
+        let start = Instant::now();
+        let (tx, rx) = mpsc::channel();
+        self.shared.command(Command::Ping { seq, reply: tx });
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(rtt)) => Ok(rtt),
+            Ok(Err(e)) => {
+                // Not even queued: still take the whole timeout, so that a
+                // caller retrying in a loop does not spin.
+                std::thread::sleep(timeout.saturating_sub(start.elapsed()));
+                Err(e)
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no echo reply from {GUEST_IP} (seq {seq}) within {timeout:?}"),
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other(
+                "the user network stopped or could not send the echo request",
+            )),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> UserNetStats {
+        let c = &self.shared.c;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        UserNetStats {
+            frames_from_guest: g(&c.frames_from_guest),
+            frames_to_guest: g(&c.frames_to_guest),
+            dropped_egress: g(&c.dropped_egress),
+            dropped_unsupported: g(&c.dropped_unsupported),
+            dropped_arp: g(&c.dropped_arp),
+            dropped_malformed: g(&c.dropped_malformed),
+            dropped_queue_full: g(&c.dropped_queue_full),
+            tcp_refused: g(&c.tcp_refused),
+            host_connect_failed: g(&c.host_connect_failed),
+            connections: g(&c.connections),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The stack thread.
+
+/// smoltcp's view of the virtio link: frames in from the guest, out to it.
+#[derive(Default)]
+struct FrameDevice {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+}
+
+struct RxTok(Vec<u8>);
+struct TxTok<'a>(&'a mut Vec<Vec<u8>>);
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0u8; len];
+        let r = f(&mut b);
+        self.0.push(b);
+        r
+    }
+}
+
+impl phy::Device for FrameDevice {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+
+    fn receive(&mut self, _t: SInstant) -> Option<(RxTok, TxTok<'_>)> {
+        let f = self.rx.pop_front()?;
+        Some((RxTok(f), TxTok(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _t: SInstant) -> Option<TxTok<'_>> {
+        Some(TxTok(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = 1514;
+        caps
+    }
+}
+
+/// The host end of a relayed connection.
+enum HostStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl HostStream {
+    fn fd(&self) -> RawFd {
+        match self {
+            Self::Unix(s) => s.as_raw_fd(),
+            Self::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.read(b),
+            Self::Tcp(s) => s.read(b),
+        }
+    }
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.write(b),
+            Self::Tcp(s) => s.write(b),
+        }
+    }
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Self::Unix(s) => s.shutdown(Shutdown::Write),
+            Self::Tcp(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+    /// Makes the coming close a TCP reset (SO_LINGER 0) for a host client.
+    fn set_reset_on_close(&self) {
+        if let Self::Tcp(s) = self {
+            let l = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt reads `size_of::<linger>()` bytes from `&l`,
+            // a live value of exactly that type; the fd is an open TCP socket
+            // owned by `s`.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&l as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                debug!("user network: SO_LINGER: {}", io::Error::last_os_error());
+            }
+        }
+    }
+}
+
+struct Conn {
+    handle: SocketHandle,
+    local_port: u16,
+    host: HostStream,
+    reply: Option<mpsc::Sender<io::Result<()>>>,
+    established: bool,
+    host_eof: bool,
+    host_shut_write: bool,
+    write_blocked: bool,
+}
+
+struct Stack {
+    shared: Arc<Shared>,
+    iface: Interface,
+    dev: FrameDevice,
+    sockets: SocketSet<'static>,
+    icmp: SocketHandle,
+    pings: HashMap<u16, (Instant, mpsc::Sender<io::Result<Duration>>)>,
+    forwards: Vec<(TcpListener, u16)>,
+    /// Allowed host port -> the smoltcp socket listening for the guest.
+    guest_listen: BTreeMap<u16, SocketHandle>,
+    conns: Vec<Conn>,
+    next_port: u16,
+    buf: Vec<u8>,
+}
+
+fn new_tcp_socket() -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
+        tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
+    );
+    s.set_timeout(Some(TCP_TIMEOUT));
+    s.set_nagle_enabled(false);
+    s
+}
+
+impl Stack {
+    fn new(shared: Arc<Shared>) -> Self {
+        let mut dev = FrameDevice::default();
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
+        config.random_seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x4f53_534f);
+        let mut iface = Interface::new(config, &mut dev, SInstant::now());
+        iface.update_ip_addrs(|a| {
+            // One address on an empty list: cannot overflow.
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(GATEWAY_IP), PREFIX_LEN));
+        });
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut icmp = icmp::Socket::new(
+            icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 32], vec![0u8; 8192]),
+            icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 32], vec![0u8; 8192]),
+        );
+        if let Err(e) = icmp.bind(icmp::Endpoint::Ident(PING_IDENT)) {
+            warn!("user network: binding the ICMP socket: {e}");
+        }
+        let icmp = sockets.add(icmp);
+        Self {
+            shared,
+            iface,
+            dev,
+            sockets,
+            icmp,
+            pings: HashMap::new(),
+            forwards: Vec::new(),
+            guest_listen: BTreeMap::new(),
+            conns: Vec::new(),
+            next_port: EPHEMERAL_FIRST,
+            buf: vec![0u8; TCP_BUF],
+        }
+    }
+
+    fn run(mut self) {
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            self.take_commands();
+            self.dev.rx.extend(lock(&self.shared.from_guest).drain(..));
+            let now = SInstant::now();
+            self.iface.poll(now, &mut self.dev, &mut self.sockets);
+            self.service();
+            self.iface.poll(now, &mut self.dev, &mut self.sockets);
+            self.flush_to_guest();
+            self.sleep();
+        }
+    }
+
+    fn take_commands(&mut self) {
+        let cmds: Vec<Command> = lock(&self.shared.commands).drain(..).collect();
+        for cmd in cmds {
+            match cmd {
+                Command::Connect {
+                    guest_port,
+                    host,
+                    reply,
+                } => self.open_to_guest(guest_port, HostStream::Unix(host), Some(reply)),
+                Command::Forward {
+                    listener,
+                    guest_port,
+                } => self.forwards.push((listener, guest_port)),
+                Command::Allow { port } => {
+                    if !self.guest_listen.contains_key(&port) {
+                        self.listen_for_guest(port);
+                    }
+                }
+                Command::Ping { seq, reply } => self.send_ping(seq, reply),
+            }
+        }
+    }
+
+    fn listen_for_guest(&mut self, port: u16) {
+        let mut s = new_tcp_socket();
+        // Answer the guest's SYN only once the host port accepted.
+        s.pause_synack(true);
+        match s.listen((IpAddress::Ipv4(GATEWAY_IP), port)) {
+            Ok(()) => {
+                let h = self.sockets.add(s);
+                self.guest_listen.insert(port, h);
+            }
+            Err(e) => warn!("user network: listening on {GATEWAY_IP}:{port}: {e}"),
+        }
+    }
+
+    fn alloc_port(&mut self) -> u16 {
+        loop {
+            let p = self.next_port;
+            self.next_port = if p == u16::MAX {
+                EPHEMERAL_FIRST
+            } else {
+                p + 1
+            };
+            if !self.conns.iter().any(|c| c.local_port == p) {
+                return p;
+            }
+        }
+    }
+
+    fn open_to_guest(
+        &mut self,
+        guest_port: u16,
+        host: HostStream,
+        reply: Option<mpsc::Sender<io::Result<()>>>,
+    ) {
+        let fail = |reply: Option<mpsc::Sender<io::Result<()>>>, e: io::Error| {
+            if let Some(r) = reply {
+                let _ = r.send(Err(e));
+            }
+        };
+        if self.conns.len() >= MAX_CONNS {
+            host.set_reset_on_close();
+            return fail(reply, io::Error::other("too many relayed connections"));
+        }
+        let local_port = self.alloc_port();
+        let mut s = new_tcp_socket();
+        match s.connect(
+            self.iface.context(),
+            (IpAddress::Ipv4(GUEST_IP), guest_port),
+            local_port,
+        ) {
+            Ok(()) => {
+                let handle = self.sockets.add(s);
+                inc(&self.shared.c.connections);
+                self.conns.push(Conn {
+                    handle,
+                    local_port,
+                    host,
+                    reply,
+                    established: false,
+                    host_eof: false,
+                    host_shut_write: false,
+                    write_blocked: false,
+                });
+            }
+            Err(e) => fail(
+                reply,
+                io::Error::new(io::ErrorKind::InvalidInput, format!("connect: {e}")),
+            ),
+        }
+    }
+
+    fn send_ping(&mut self, seq: u16, reply: mpsc::Sender<io::Result<Duration>>) {
+        let mut data = [0u8; PING_PAYLOAD];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let repr = Icmpv4Repr::EchoRequest {
+            ident: PING_IDENT,
+            seq_no: seq,
+            data: &data,
+        };
+        let sock = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+        match sock.send(repr.buffer_len(), IpAddress::Ipv4(GUEST_IP)) {
+            Ok(buf) => {
+                let mut pkt = Icmpv4Packet::new_unchecked(buf);
+                repr.emit(&mut pkt, &ChecksumCapabilities::default());
+                self.pings.insert(seq, (Instant::now(), reply));
+            }
+            Err(e) => {
+                // The socket's queue is full: earlier requests still wait for
+                // the guest's ARP answer.
+                let _ = reply.send(Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "echo request {seq} not queued ({e}): the guest has not answered ARP yet?"
+                    ),
+                )));
+            }
+        }
+    }
+
+    /// Everything that is not smoltcp's own job: ping replies, accepting
+    /// host and guest connections, relaying bytes.
+    fn service(&mut self) {
+        // Echo replies for ping_guest.
+        let sock = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+        while let Ok((data, _from)) = sock.recv() {
+            let Ok(pkt) = Icmpv4Packet::new_checked(data) else {
+                continue;
+            };
+            if let Ok(Icmpv4Repr::EchoReply { ident, seq_no, .. }) =
+                Icmpv4Repr::parse(&pkt, &ChecksumCapabilities::default())
+            {
+                if ident == PING_IDENT {
+                    if let Some((sent, reply)) = self.pings.remove(&seq_no) {
+                        let _ = reply.send(Ok(sent.elapsed()));
+                    }
+                }
+            }
+        }
+
+        // Host clients of forwarded ports.
+        let mut accepted = Vec::new();
+        for (l, guest_port) in &self.forwards {
+            loop {
+                match l.accept() {
+                    Ok((s, _)) => accepted.push((s, *guest_port)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!("user network: accept: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        for (s, guest_port) in accepted {
+            if let Err(e) = s.set_nonblocking(true) {
+                debug!("user network: set_nonblocking: {e}");
+                continue;
+            }
+            self.open_to_guest(guest_port, HostStream::Tcp(s), None);
+        }
+
+        // Guest connections to allowed host ports.
+        let ports: Vec<(u16, SocketHandle)> =
+            self.guest_listen.iter().map(|(p, h)| (*p, *h)).collect();
+        for (port, h) in ports {
+            let state = self.sockets.get::<tcp::Socket>(h).state();
+            if state == tcp::State::Listen {
+                continue;
+            }
+            // This socket got a SYN: it becomes a connection, a fresh one listens.
+            self.guest_listen.remove(&port);
+            self.listen_for_guest(port);
+            if state != tcp::State::SynReceived {
+                self.sockets.remove(h);
+                continue;
+            }
+            let host = TcpStream::connect_timeout(
+                &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                Duration::from_secs(1),
+            )
+            .and_then(|s| s.set_nonblocking(true).map(|()| s));
+            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            match host {
+                Ok(s) if self.conns.len() < MAX_CONNS => {
+                    sock.pause_synack(false);
+                    let local_port = sock.local_endpoint().map_or(port, |e| e.port);
+                    inc(&self.shared.c.connections);
+                    self.conns.push(Conn {
+                        handle: h,
+                        local_port,
+                        host: HostStream::Tcp(s),
+                        reply: None,
+                        established: false,
+                        host_eof: false,
+                        host_shut_write: false,
+                        write_blocked: false,
+                    });
+                }
+                _ => {
+                    inc(&self.shared.c.host_connect_failed);
+                    sock.abort();
+                    // The reset goes out on the next poll; then drop it.
+                    self.iface
+                        .poll(SInstant::now(), &mut self.dev, &mut self.sockets);
+                    self.sockets.remove(h);
+                }
+            }
+        }
+
+        // Relay bytes.
+        let mut i = 0;
+        while i < self.conns.len() {
+            let done = relay(&mut self.conns[i], &mut self.sockets, &mut self.buf);
+            if done {
+                let c = self.conns.swap_remove(i);
+                self.sockets.remove(c.handle);
+            } else {
+                i += 1;
+            }
+        }
+
+        // Forget pings nobody waits for any more.
+        self.pings
+            .retain(|_, (sent, _)| sent.elapsed() < Duration::from_secs(120));
+    }
+
+    fn flush_to_guest(&mut self) {
+        if self.dev.tx.is_empty() {
+            return;
+        }
+        {
+            let mut q = lock(&self.shared.to_guest);
+            for f in self.dev.tx.drain(..) {
+                if q.len() >= MAX_QUEUED_FRAMES {
+                    inc(&self.shared.c.dropped_queue_full);
+                    continue;
+                }
+                q.push_back(f);
+                inc(&self.shared.c.frames_to_guest);
+            }
+        }
+        if let Err(e) = self.shared.to_guest_evt.write(1) {
+            warn!("user network: signalling the device: {e}");
+        }
+    }
+
+    /// Sleeps in poll(2) until a host socket, a frame, a command or a
+    /// smoltcp timer needs attention.
+    fn sleep(&mut self) {
+        let delay = self
+            .iface
+            .poll_delay(SInstant::now(), &self.sockets)
+            .map_or(1000, |d| d.total_millis().min(1000));
+        let mut fds = vec![libc::pollfd {
+            fd: self.shared.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        for (l, _) in &self.forwards {
+            fds.push(libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        for c in &self.conns {
+            let sock = self.sockets.get::<tcp::Socket>(c.handle);
+            let mut events = 0;
+            if c.established && !c.host_eof && sock.can_send() {
+                events |= libc::POLLIN;
+            }
+            if c.write_blocked {
+                events |= libc::POLLOUT;
+            }
+            if events != 0 {
+                fds.push(libc::pollfd {
+                    fd: c.host.fd(),
+                    events,
+                    revents: 0,
+                });
+            }
+        }
+        if delay > 0 {
+            // SAFETY: `fds` is a live, initialised array of `fds.len()`
+            // pollfd structures that poll(2) reads and writes only within
+            // that length; the fds stay open for the duration of the call.
+            let r =
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, delay as i32) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!("user network: poll: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = self.shared.wake.read();
+    }
+}
+
+/// Moves bytes between a host stream and its smoltcp socket. Returns true
+/// when the connection is over.
+fn relay(c: &mut Conn, sockets: &mut SocketSet<'static>, buf: &mut [u8]) -> bool {
+    let sock = sockets.get_mut::<tcp::Socket>(c.handle);
+    if !c.established {
+        match sock.state() {
+            tcp::State::SynSent | tcp::State::SynReceived | tcp::State::Listen => return false,
+            tcp::State::Closed | tcp::State::TimeWait => {
+                if let Some(r) = c.reply.take() {
+                    let _ = r.send(Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "the guest reset the connection (no listener on that port?)",
+                    )));
+                }
+                c.host.set_reset_on_close();
+                return true;
+            }
+            _ => {
+                c.established = true;
+                if let Some(r) = c.reply.take() {
+                    let _ = r.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    // Guest -> host.
+    c.write_blocked = false;
+    while sock.can_recv() {
+        let host = &mut c.host;
+        let r = sock.recv(|data| match host.write(data) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match r {
+            Ok(Ok(0)) => {
+                c.write_blocked = true;
+                break;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.write_blocked = true;
+                break;
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => {
+                // The host side is gone: reset the guest's connection.
+                sock.abort();
+                return true;
+            }
+            Err(_) => break,
+        }
+    }
+    if !sock.may_recv() && !sock.can_recv() && !c.host_shut_write {
+        // The guest sent FIN and everything was written.
+        c.host.shutdown_write();
+        c.host_shut_write = true;
+    }
+
+    // Host -> guest.
+    while !c.host_eof && sock.can_send() {
+        let room = sock.send_capacity() - sock.send_queue();
+        let n = room.min(buf.len());
+        match c.host.read(&mut buf[..n]) {
+            Ok(0) => {
+                c.host_eof = true;
+                sock.close();
+            }
+            Ok(k) => {
+                let _ = sock.send_slice(&buf[..k]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                sock.abort();
+                return true;
+            }
+        }
+    }
+
+    match sock.state() {
+        tcp::State::Closed => true,
+        tcp::State::TimeWait => c.host_shut_write,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

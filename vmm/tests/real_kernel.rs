@@ -1,0 +1,93 @@
+//! The real Osso kernel booted under this machine's KVM (test layer 3). Slow
+//! under PVM (about a minute), so it is `#[ignore]`d: run it with
+//! `cargo test -p osso-vmm --test real_kernel -- --ignored --nocapture`.
+//!
+//! The kernel and initramfs come from `OSSO_KERNEL` / `OSSO_INITRD`, or the
+//! first directory of `~/.cache/osso/images/` holding `vmlinux` and
+//! `initramfs.cpio.gz`; without them the test prints SKIPPED.
+//!
+//! Under PVM the guest cannot run user space: `/init` dies on its first
+//! system call, the kernel panics and (`panic=-1`) resets. The test checks the
+//! banner, the hand-off line and a clean end, and says it could not check the
+//! boot timer. On hardware KVM it also expects the boot timer.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use osso_vmm::{ExitReason, VmConfig};
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn find_image() -> Option<(PathBuf, PathBuf)> {
+    if let (Ok(k), Ok(i)) = (std::env::var("OSSO_KERNEL"), std::env::var("OSSO_INITRD")) {
+        return Some((k.into(), i.into()));
+    }
+    let home = std::env::var("HOME").ok()?;
+    let dir = PathBuf::from(home).join(".cache/osso/images");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    dirs.sort();
+    dirs.into_iter().find_map(|d| {
+        let k = d.join("vmlinux");
+        let i = d.join("initramfs.cpio.gz");
+        (k.is_file() && i.is_file()).then_some((k, i))
+    })
+}
+
+#[test]
+#[ignore = "boots a real kernel: about a minute under PVM"]
+fn osso_kernel_boots_to_init() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIPPED: /dev/kvm does not exist on this host");
+        return;
+    }
+    let Some((kernel, initrd)) = find_image() else {
+        println!("SKIPPED: no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)");
+        return;
+    };
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let console = Console::default();
+    let mut cfg = VmConfig::kernel(kernel, Some(initrd));
+    cfg.console = Box::new(console.clone());
+    cfg.timeout = Some(Duration::from_secs(180));
+    let out = osso_vmm::run(cfg).expect("machine runs");
+    let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    println!("metrics: {:?}", out.metrics);
+    assert!(text.contains("Linux version"), "no banner:\n{text}");
+    assert!(
+        text.contains("Run /init as init process"),
+        "no hand-off:\n{text}"
+    );
+    assert!(out.metrics.init_started_us.is_some());
+    assert_eq!(out.metrics.boot_protocol, "pvh");
+    if pvm {
+        assert!(text.contains("noxsave clearcpuid=cx16,popcnt,smap nosmap"));
+        assert_eq!(out.exit, ExitReason::Reset, "panic=-1 resets:\n{text}");
+        println!(
+            "NOT CHECKED: the boot timer and a clean reboot from user space \
+             (this host's KVM is PVM, which cannot run guest user space)"
+        );
+    } else {
+        assert!(!text.contains("noxsave"));
+        assert!(out.exit.guest_ended_by_itself(), "{}", out.exit);
+        assert!(
+            out.metrics.boot_timer_us.is_some(),
+            "init wrote the boot timer"
+        );
+    }
+}
