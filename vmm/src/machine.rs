@@ -62,7 +62,9 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Where the guest console output goes (default: discarded).
     pub console: Box<dyn Write + Send>,
-    /// Host input for the guest console, read on a thread of its own.
+    /// Host input for the guest console, read on a thread of its own (which
+    /// ends at end of file, on a read error, or at its first read after the
+    /// VM ended). [`Machine::send_console_input`] is the other way in.
     pub console_input: Option<Box<dyn Read + Send>>,
     /// The instant the metrics count from (default: [`MachineBuilder::new`]).
     pub start: Option<Instant>,
@@ -372,6 +374,10 @@ impl MachineBuilder {
             return Err(VmmError::BadVcpuCount(config.vcpus));
         }
         let mem_size = layout::validate_mem_mib(config.mem_mib)?;
+        // Bad input is reported before any VM exists (and without KVM).
+        if let BootSource::Kernel { kernel, initrd } = &config.boot {
+            boot::validate_kernel(kernel, initrd.as_deref(), mem_size)?;
+        }
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
         let mem = layout::create_guest_memory(config.mem_mib)?;
         let vm = Arc::new(kvm::create_vm(&kvm, &mem)?);
@@ -923,6 +929,31 @@ impl Machine {
     /// The run's timeline (milestones so far).
     pub fn timeline(&self) -> Arc<Timeline> {
         self.timeline.clone()
+    }
+
+    /// The exit reason if the VM has ended, without waiting.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.shared.reason()
+    }
+
+    /// Waits up to `timeout` for the VM to end, without consuming the handle
+    /// (the configured VM timeout is enforced by [`Machine::wait`] only).
+    pub fn wait_for_exit(&self, timeout: Duration) -> Option<ExitReason> {
+        let deadline = Instant::now() + timeout;
+        let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+        while exit.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            exit = self
+                .shared
+                .exited
+                .wait_timeout(exit, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        exit.clone()
     }
 
     /// Queues console input for the guest; returns the bytes accepted.

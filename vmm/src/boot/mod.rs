@@ -469,6 +469,27 @@ pub fn write_mode_tables(mem: &GuestMemoryMmap, mode: CpuMode) -> Result<(), Boo
     }
 }
 
+/// Checks a kernel and initrd before anything else is created: both files
+/// open, the kernel is an ELF or a bzImage whose headers match its size and
+/// whose image fits in `mem_size`. Cheap (headers only); needs no KVM.
+pub fn validate_kernel(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    mem_size: u64,
+) -> Result<KernelFormat, BootError> {
+    let mut file = File::open(kernel).map_err(io_err("kernel", kernel))?;
+    let file_len = file.metadata().map_err(io_err("kernel", kernel))?.len();
+    let format = detect_format(&mut file, kernel)?;
+    match format {
+        KernelFormat::Elf => check_elf(&mut file, kernel, file_len, mem_size)?,
+        KernelFormat::BzImage => check_bzimage(&mut file, kernel, file_len, mem_size)?,
+    }
+    if let Some(p) = initrd {
+        File::open(p).map_err(io_err("initrd", p))?;
+    }
+    Ok(format)
+}
+
 /// Loads a kernel, its initrd and command line into guest memory and writes
 /// the boot parameters for its protocol. `cmdline` is the rendered line.
 pub fn load_kernel(
@@ -649,6 +670,28 @@ mod tests {
         e[p + 40..p + 48].copy_from_slice(&memsz.to_le_bytes());
         e.extend_from_slice(code);
         e
+    }
+
+    #[test]
+    fn validation_needs_no_guest_memory() {
+        let k = file_with(&tiny_elf(0x20_0000, &[0x90; 16], 16));
+        assert_eq!(
+            validate_kernel(k.path(), None, 16 << 20).unwrap(),
+            KernelFormat::Elf
+        );
+        assert!(matches!(
+            validate_kernel(k.path(), Some(Path::new("/nope")), 16 << 20),
+            Err(BootError::Io { what: "initrd", .. })
+        ));
+        assert!(matches!(
+            validate_kernel(k.path(), None, 1 << 20),
+            Err(BootError::KernelTooBig { .. })
+        ));
+        let g = file_with(b"garbage");
+        assert!(matches!(
+            validate_kernel(g.path(), None, 16 << 20),
+            Err(BootError::UnknownKernelFormat(_))
+        ));
     }
 
     #[test]

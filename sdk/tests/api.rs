@@ -1,0 +1,211 @@
+//! The SDK through its public API, with tiny guests (a few dozen bytes of code
+//! in an ELF with a PVH note, see `common`): spawn, ready, console, metrics,
+//! exit, many VMs from many threads, timeouts, bad configurations.
+//! Under any KVM (tiny guests need no guest kernel); SKIPPED without /dev/kvm.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{kvm_or_skip, tiny_kernel, Then};
+use osso_sdk::{Config, Error, ReadyWhen};
+use osso_vmm::ExitReason;
+
+fn tiny(dir: &std::path::Path, name: &str, msg: &str, then: Then) -> osso_sdk::ConfigBuilder {
+    Config::builder()
+        .custom_image(tiny_kernel(dir, name, msg, then), None)
+        .mem_mib(16)
+        .boot_timeout(Duration::from_secs(10))
+}
+
+#[test]
+fn spawn_waits_for_ready_and_reports_console_metrics_and_exit() {
+    if !kvm_or_skip("spawn_waits_for_ready") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = osso_sdk::spawn(
+        tiny(
+            dir.path(),
+            "k",
+            "hello from a tiny guest",
+            Then::ReadyThenReset,
+        )
+        .build(),
+    )
+    .expect("spawn");
+    let m = vm.metrics();
+    let total = m.boot.total_us.expect("ready was recorded");
+    let setup = m.boot.vmm_setup_us.expect("first KVM_RUN was recorded");
+    assert!(setup <= total, "setup {setup} us after ready {total} us");
+    assert_eq!(m.guest_mem_bytes, 16 << 20);
+    assert!(m.image.kernel_bytes > 0 && m.image.initramfs_bytes == 0);
+    let exit = vm.wait();
+    assert_eq!(
+        exit.reason,
+        ExitReason::Reset,
+        "the i8042 reset ends the VM"
+    );
+    assert!(exit.guest_ended_by_itself());
+    assert!(
+        vm.console().contains("hello from a tiny guest"),
+        "console: {}",
+        vm.console().text()
+    );
+    assert_eq!(vm.metrics().exit.as_deref(), Some("reset"));
+    let line = vm.metrics().to_string();
+    assert!(line.starts_with("boot ") && !line.contains('\n'), "{line}");
+}
+
+#[test]
+fn eight_vms_from_eight_threads_each_with_its_own_console_and_metrics() {
+    if !kvm_or_skip("eight_vms") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                let cfg = tiny(
+                    &path,
+                    &format!("k{i}"),
+                    &format!("I am VM number {i}"),
+                    Then::ReadyThenSpin,
+                )
+                .build();
+                let vm = osso_sdk::spawn(cfg).expect("spawn");
+                let m = vm.metrics();
+                let rx = vm.console().subscribe();
+                let text = vm.console().text();
+                let exit = vm.kill();
+                drop(rx);
+                (i, text, m, exit)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, text, m, exit) = h.join().expect("thread");
+        assert!(
+            text.contains(&format!("I am VM number {i}")),
+            "VM {i}: {text}"
+        );
+        for j in (0..8).filter(|&j| j != i) {
+            assert!(
+                !text.contains(&format!("number {j}")),
+                "VM {i} saw VM {j}'s console"
+            );
+        }
+        assert!(m.boot.total_us.is_some(), "VM {i} became ready");
+        assert_eq!(exit.reason, ExitReason::Stopped);
+    }
+}
+
+#[test]
+fn boot_timeout_stops_a_guest_that_never_gets_ready() {
+    if !kvm_or_skip("boot_timeout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let err = osso_sdk::spawn(
+        tiny(dir.path(), "k", "never ready", Then::Spin)
+            .boot_timeout(Duration::from_millis(300))
+            .build(),
+    )
+    .expect_err("must time out");
+    assert!(matches!(err, Error::BootTimeout { .. }), "{err}");
+    assert!(
+        err.to_string().contains("never ready"),
+        "the error shows the console: {err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "timed out promptly: {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn lifetime_ends_a_running_guest_with_reason_timeout() {
+    if !kvm_or_skip("lifetime") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = osso_sdk::spawn(
+        tiny(dir.path(), "k", "spin", Then::Spin)
+            .ready_when(ReadyWhen::ConsoleLine("spin".into()))
+            .lifetime(Duration::from_millis(300))
+            .build(),
+    )
+    .expect("spawn");
+    let exit = vm
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .expect("ended within 5 s");
+    assert_eq!(exit.reason, ExitReason::Timeout);
+    assert!(!exit.guest_ended_by_itself());
+}
+
+#[test]
+fn bad_configurations_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-kernel");
+    let garbage = dir.path().join("garbage");
+    std::fs::write(
+        &garbage,
+        b"this is not a kernel at all, neither ELF nor bzImage",
+    )
+    .unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let cases: Vec<(Config, &str)> = vec![
+        (Config::builder().mem_mib(0).build(), "MiB"),
+        (Config::builder().mem_mib(1 << 40).build(), "MiB"),
+        (Config::builder().vcpus(0).build(), "vCPU"),
+        (
+            Config::builder().custom_image(&missing, None).build(),
+            "no such file",
+        ),
+        (Config::builder().tap("a/b").build(), "TAP name"),
+        (Config::builder().tap("").build(), "TAP name"),
+        (
+            Config::builder()
+                .no_network()
+                .ready_when(ReadyWhen::GuestPing)
+                .build(),
+            "user network",
+        ),
+        (
+            Config::builder().boot_timeout(Duration::ZERO).build(),
+            "timeout",
+        ),
+    ];
+    for (cfg, needle) in cases {
+        let err = osso_sdk::spawn(cfg.clone()).expect_err(&format!("{cfg:?} must fail"));
+        assert!(err.to_string().contains(needle), "{cfg:?}: {err}");
+    }
+    if !kvm_or_skip("bad_kernels") {
+        return;
+    }
+    for k in [&garbage, &empty] {
+        let err = osso_sdk::spawn(Config::builder().custom_image(k, None).mem_mib(16).build())
+            .expect_err("a bad kernel must fail");
+        assert!(matches!(err, Error::Vmm(_)), "{err}");
+        assert!(
+            err.to_string().contains(&k.display().to_string()),
+            "names the file: {err}"
+        );
+    }
+}
+
+#[test]
+fn run_refuses_at_once_without_hardware_kvm() {
+    if osso_sdk::HostKvm::detect() == osso_sdk::HostKvm::Hardware {
+        eprintln!("SKIPPED run_refuses: this host has hardware KVM (run works here)");
+        return;
+    }
+    let t = Instant::now();
+    let err = osso_sdk::run(osso_sdk::Job::new("true")).expect_err("no guest user space here");
+    assert!(matches!(err, Error::NoGuestUserSpace), "{err}");
+    assert!(t.elapsed() < Duration::from_millis(500), "failed at once");
+}
