@@ -80,6 +80,12 @@ pub fn patch_cpuid(base: &CpuId, id: u8, count: u8) -> Result<CpuId, KvmError> {
                 // x2APIC ID.
                 e.edx = u32::from(id);
             }
+            0x8000_001e => {
+                // AMD extended APIC ID, core ID (one thread per core), node 0.
+                e.eax = u32::from(id);
+                e.ebx = u32::from(id);
+                e.ecx = 0;
+            }
             KVM_CPUID_SIGNATURE => {
                 has_sig = true;
                 e.eax = e.eax.max(KVM_CPUID_FEATURES);
@@ -268,6 +274,13 @@ mod tests {
                 edx: 7,
                 ..Default::default()
             },
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 0x8000_001e,
+                eax: 9,
+                ebx: 0x100,
+                ecx: 0x101,
+                ..Default::default()
+            },
         ])
         .unwrap();
         let p = patch_cpuid(&base, 3, 4).unwrap();
@@ -276,6 +289,8 @@ mod tests {
         assert_eq!(leaf1.ebx, 0x0304_0800);
         assert_ne!(leaf1.ecx & (1 << 31), 0);
         assert_eq!(s.iter().find(|e| e.function == 0xb).unwrap().edx, 3);
+        let amd = s.iter().find(|e| e.function == 0x8000_001e).unwrap();
+        assert_eq!((amd.eax, amd.ebx, amd.ecx), (3, 3, 0));
         let sig = s
             .iter()
             .find(|e| e.function == KVM_CPUID_SIGNATURE)

@@ -1,0 +1,230 @@
+//! The real Osso kernel under this machine's KVM, with virtio-net, both ways,
+//! and no guest user space needed: the kernel configures eth0 itself (`ip=`),
+//! finds no init (`rdinit=/nonexistent`) and waits for a root device that
+//! never comes (`root=/dev/vda rootwait`), answering ARP, ICMP and TCP.
+//!
+//! - user network: the host pings the guest 20 times through the VMM's
+//!   user-mode stack and opens a TCP connection to a guest port with no
+//!   listener, which the guest kernel answers with a reset.
+//! - TAP: the same through a TAP device inside a network namespace the test
+//!   creates and removes (host side 10.0.2.2 there; never the real host network).
+//!
+//! Slow under PVM (about a minute of emulated boot each). SKIPPED without
+//! /dev/kvm, a built image, or (TAP only) root and `ip`, unless
+//! `OSSO_REQUIRE_E2E=1`, where a missing prerequisite fails the test.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use osso_sdk::{Config, ReadyWhen};
+
+const PARKED: &str =
+    "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off rdinit=/nonexistent root=/dev/vda rootwait";
+const BOOT_LIMIT: Duration = Duration::from_secs(400);
+
+fn require(test: &str, ok: bool, reason: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("OSSO_REQUIRE_E2E").as_deref() == Ok("1") {
+        panic!("{test}: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    false
+}
+
+fn image_built() -> Result<(), String> {
+    osso_guest::BuildOptions::from_env()
+        .and_then(|o| osso_guest::find(&o))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn median_ms(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64() * 1000.0
+}
+
+#[test]
+fn parked_kernel_answers_ping_and_tcp_through_the_user_network() {
+    const T: &str = "kernel_user_network";
+    if !common::kvm_or_skip(T) {
+        return;
+    }
+    let built = image_built();
+    if !require(T, built.is_ok(), &format!("no image: {:?}", built.err())) {
+        return;
+    }
+    let vm = osso_sdk::spawn(
+        Config::builder()
+            .cmdline(PARKED)
+            .ready_when(ReadyWhen::GuestPing)
+            .boot_timeout(BOOT_LIMIT)
+            .build(),
+    )
+    .expect("the guest kernel answers ping");
+    let text = vm.console().text();
+    assert!(text.contains("Linux version"), "kernel banner:\n{text}");
+    assert!(
+        text.contains("IP-Config: Complete"),
+        "the kernel configured eth0:\n{text}"
+    );
+    let mut rtts = Vec::new();
+    for seq in 1..=20 {
+        match vm.ping(1000 + seq, Duration::from_secs(2)) {
+            Ok(rtt) => rtts.push(rtt),
+            Err(e) => eprintln!("{T}: ping {seq}: {e}"),
+        }
+    }
+    assert!(rtts.len() >= 18, "only {} of 20 pings answered", rtts.len());
+    eprintln!(
+        "{T}: {}/20 replies, median round trip {:.2} ms (host -> guest, user network, KVM {})",
+        rtts.len(),
+        median_ms(rtts),
+        osso_sdk::HostKvm::detect()
+    );
+    let err = vm
+        .connect(7, Duration::from_secs(10))
+        .expect_err("nothing listens on guest port 7");
+    assert!(
+        matches!(&err, osso_sdk::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the guest kernel must answer the SYN with a reset: {err}"
+    );
+    let exit = vm.kill();
+    assert_eq!(exit.reason, osso_vmm::ExitReason::Stopped);
+}
+
+/// A network namespace made by this test, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        let name = format!("osso-test-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Netns(name))
+    }
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .expect("run ip netns exec")
+    }
+    /// Moves the calling thread into the namespace.
+    fn enter(&self) {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).expect("open netns");
+        // SAFETY: setns on a valid namespace fd affects only the calling thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn parked_kernel_answers_ping_and_tcp_through_tap_in_a_private_namespace() {
+    const T: &str = "kernel_tap_network";
+    if !common::kvm_or_skip(T) {
+        return;
+    }
+    let built = image_built();
+    if !require(T, built.is_ok(), &format!("no image: {:?}", built.err())) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !require(
+        T,
+        root,
+        "needs root to create a network namespace and a TAP device",
+    ) {
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        require(T, false, "`ip netns add` failed (iproute2 missing?)");
+        return;
+    };
+    // The VM is created on a thread inside the namespace, so its TAP device
+    // lives there; the host side is configured there too.
+    let ns_name = ns.0.clone();
+    let worker = std::thread::spawn(move || {
+        let ns = Netns(ns_name);
+        ns.enter();
+        let vm = osso_sdk::spawn(
+            Config::builder()
+                .tap("osso-tap0")
+                .cmdline(PARKED)
+                .ready_when(ReadyWhen::ConsoleLine("IP-Config: Complete".into()))
+                .boot_timeout(BOOT_LIMIT)
+                .build(),
+        );
+        std::mem::forget(ns); // the outer handle removes the namespace
+        vm
+    });
+    let vm = worker
+        .join()
+        .expect("worker thread")
+        .expect("boot with TAP");
+    for cmd in [
+        vec!["ip", "addr", "add", "10.0.2.2/24", "dev", "osso-tap0"],
+        vec!["ip", "link", "set", "osso-tap0", "up"],
+    ] {
+        let out = ns.exec(&cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = ns.exec(&["ping", "-c", "20", "-i", "0.2", "-W", "3", "10.0.2.15"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "ping through TAP failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("min/avg"))
+        .unwrap_or_default()
+        .to_string();
+    let mut rtts: Vec<Duration> = text
+        .lines()
+        .filter_map(|l| {
+            l.split("time=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect();
+    assert!(rtts.len() >= 18, "only {} replies:\n{text}", rtts.len());
+    rtts.sort();
+    eprintln!(
+        "{T}: {} replies, median round trip {:.2} ms (namespace -> guest, TAP); {summary}",
+        rtts.len(),
+        median_ms(rtts)
+    );
+    let out = ns.exec(&[
+        "python3",
+        "-c",
+        "import socket,sys\ns=socket.socket(); s.settimeout(10)\ntry:\n  s.connect(('10.0.2.15', 7)); print('connected')\nexcept ConnectionRefusedError: print('refused')\nexcept Exception as e: print('other', e)",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(said, "refused", "TCP to a closed guest port through TAP");
+    vm.kill();
+    drop(vm);
+    drop(ns);
+}
