@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use osso_vmm::net::{MacAddr, NetBackendConfig, NetConfig, PortForward};
+use osso_vmm::virtio::attach::attach_net;
 use osso_vmm::{MachineBuilder, VmConfig};
 
 /// Boot a Linux kernel in an Osso microVM.
@@ -41,13 +43,28 @@ struct Args {
     /// Do not pass stdin to the guest console.
     #[arg(long)]
     no_stdin: bool,
-    // Network options (`--net user|tap:NAME|none`) are added by the virtio-net
-    // work: parse them here and call its setup in `add_devices` below.
+    /// Network backend: `user` (default; the VMM is the guest's gateway
+    /// 10.0.2.2, no egress), `tap:NAME` (root or CAP_NET_ADMIN) or `none`.
+    #[arg(long, default_value = "user")]
+    net: NetBackendConfig,
+    /// Forward host 127.0.0.1:HOST_PORT to guest port GUEST_PORT (user network; repeatable).
+    #[arg(long = "forward", value_name = "HOST_PORT:GUEST_PORT")]
+    forwards: Vec<PortForward>,
+    /// Let the guest reach host 127.0.0.1:PORT at 10.0.2.2:PORT (user network;
+    /// repeatable). Nothing else leaves the VM.
+    #[arg(long = "allow-host-port", value_name = "PORT")]
+    allowed_host_ports: Vec<u16>,
 }
 
-/// Adds the optional devices (virtio) the arguments ask for.
-fn add_devices(_args: &Args, _builder: &mut MachineBuilder) -> Result<(), osso_vmm::VmmError> {
-    Ok(())
+impl Args {
+    fn net_config(&self) -> NetConfig {
+        NetConfig {
+            backend: self.net.clone(),
+            forwards: self.forwards.clone(),
+            allowed_host_ports: self.allowed_host_ports.clone(),
+            mac: MacAddr::random_local(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -80,11 +97,30 @@ fn main() -> ExitCode {
     }
     config.start = Some(start);
 
-    let outcome = MachineBuilder::new(config).and_then(|mut b| {
-        add_devices(&args, &mut b)?;
-        b.start()
-    });
-    let machine = match outcome {
+    let mut builder = match MachineBuilder::new(config) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("osso-vmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Kept until the VM ends: dropping it stops the device and the user network.
+    let _net = match attach_net(&mut builder, &args.net_config()) {
+        Ok(net) => {
+            for f in &args.forwards {
+                eprintln!(
+                    "osso-vmm: forwarding 127.0.0.1:{} to guest port {}",
+                    f.host_port, f.guest_port
+                );
+            }
+            net
+        }
+        Err(e) => {
+            eprintln!("osso-vmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let machine = match builder.start() {
         Ok(m) => m,
         Err(e) => {
             eprintln!("osso-vmm: {e}");

@@ -145,3 +145,73 @@ fn timeout_exits_1_with_the_reason() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o).trim_end(), "osso-vmm: timeout");
 }
+
+#[test]
+fn bad_network_options_exit_2_naming_the_problem() {
+    let kernel = temp_with(&elf_kernel(PADDR, &hello_and_reset(), Some(PADDR as u32)));
+    let k = kernel.path().to_str().unwrap();
+    // Parse errors (clap exits 2 and names the option).
+    for (args, needle) in [
+        (vec!["--net", "bogus"], "--net"),
+        (vec!["--forward", "80"], "--forward"),
+        (vec!["--forward", "0:80"], "--forward"),
+        (vec!["--allow-host-port", "http"], "--allow-host-port"),
+    ] {
+        let mut all = vec!["--kernel", k];
+        all.extend(args.iter().copied());
+        let o = osso_vmm(&all);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+    if !kvm_available() {
+        return;
+    }
+    // A forward whose host port is taken, and forwards without the user network.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let fwd = format!("{port}:80");
+    for (args, needle) in [
+        (vec!["--forward", fwd.as_str()], "in use"),
+        (vec!["--net", "none", "--forward", "8080:80"], "user"),
+    ] {
+        let mut all = vec!["--kernel", k, "--timeout", "5"];
+        all.extend(args.iter().copied());
+        let o = osso_vmm(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.to_lowercase().contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}
+
+#[test]
+fn user_network_guest_runs_and_forwards_are_reported() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = temp_with(&elf_kernel(PADDR, &hello_and_reset(), Some(PADDR as u32)));
+    // A port that was free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fwd = format!("{port}:80");
+    let o = osso_vmm(&[
+        "--kernel",
+        kernel.path().to_str().unwrap(),
+        "--net",
+        "user",
+        "--forward",
+        &fwd,
+        "--timeout",
+        "10",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ok"),
+        "console on stdout"
+    );
+    assert!(err.contains("forwarding 127.0.0.1:"), "{err}");
+}

@@ -49,6 +49,9 @@ pub fn attach_net(
     config: &NetConfig,
 ) -> Result<Option<AttachedNet>, AttachError> {
     if config.backend == crate::net::NetBackendConfig::None {
+        if !config.forwards.is_empty() {
+            return Err(NetConfigError::ForwardsNeedUser(config.backend.to_string()).into());
+        }
         return Ok(None);
     }
     let opened = config.open()?;
