@@ -49,15 +49,24 @@ fn find_image() -> Option<(PathBuf, PathBuf)> {
     })
 }
 
+/// Prints SKIPPED, or fails where the project's test command requires this
+/// layer (`OSSO_REQUIRE_E2E=1`).
+fn skip_or_fail(reason: &str) {
+    if std::env::var("OSSO_REQUIRE_E2E").as_deref() == Ok("1") {
+        panic!("required layer cannot run: {reason}");
+    }
+    println!("SKIPPED: {reason}");
+}
+
 #[test]
 #[ignore = "boots a real kernel: about a minute under PVM"]
 fn osso_kernel_boots_to_init() {
     if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIPPED: /dev/kvm does not exist on this host");
+        skip_or_fail("/dev/kvm does not exist on this host");
         return;
     }
     let Some((kernel, initrd)) = find_image() else {
-        println!("SKIPPED: no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)");
+        skip_or_fail("no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)");
         return;
     };
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
