@@ -112,14 +112,30 @@ pub fn default_image() -> Result<Image> {
 }
 
 /// The image `build` would produce or reuse, without building anything:
-/// [`Error::NoImage`] when it has not been built.
+/// [`Error::NoImage`] when it has not been built. A `download` source that
+/// has not been fetched counts as Debian's (what a build without the internet
+/// falls back to).
 pub fn find(opts: &BuildOptions) -> Result<Image> {
+    find_with(opts, true)
+}
+
+fn find_with(opts: &BuildOptions, fallback: bool) -> Result<Image> {
     let root = &opts.cache_root;
     let no_image = || Error::NoImage(root.clone());
-    let kernel_src = sources::offline(&opts.kernel_source, root, sources::Component::Kernel)
-        .ok_or_else(no_image)?;
-    let toybox_src = sources::offline(&opts.toybox_source, root, sources::Component::Toybox)
-        .ok_or_else(no_image)?;
+    let kernel_src = sources::offline(
+        &opts.kernel_source,
+        root,
+        sources::Component::Kernel,
+        fallback,
+    )
+    .ok_or_else(no_image)?;
+    let toybox_src = sources::offline(
+        &opts.toybox_source,
+        root,
+        sources::Component::Toybox,
+        fallback,
+    )
+    .ok_or_else(no_image)?;
     let dir = image_dir(root, &inputs(&kernel_src, &toybox_src).keys().image);
     if !dir.join("manifest.json").exists() {
         return Err(no_image());
@@ -136,7 +152,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image> {
     let root = &opts.cache_root;
     fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     // Fast path: every input is already local and the image exists.
-    if let Ok(image) = find(opts) {
+    if let Ok(image) = find_with(opts, false) {
         return Ok(image);
     }
     let started = Instant::now();

@@ -229,10 +229,15 @@ pub enum Component {
 }
 
 /// Resolves a source from what is already on this machine only: no install,
-/// no download. A `download` source not yet fetched resolves to Debian's, as a
-/// build would fall back to (on a machine with the internet, the build then
-/// fetches it and uses a new key).
-pub fn offline(spec: &SourceSpec, root: &Path, component: Component) -> Option<Resolved> {
+/// no download. With `fallback`, a `download` source not yet fetched resolves
+/// to Debian's, as a build without the internet falls back to; without it, it
+/// does not resolve (so that a build tries the download first).
+pub fn offline(
+    spec: &SourceSpec,
+    root: &Path,
+    component: Component,
+    fallback: bool,
+) -> Option<Resolved> {
     let debian = || match component {
         Component::Kernel => debian_kernel_local(root),
         Component::Toybox => debian_toybox_local(root),
@@ -251,7 +256,7 @@ pub fn offline(spec: &SourceSpec, root: &Path, component: Component) -> Option<R
                 Component::Kernel => &KERNEL_DOWNLOAD,
                 Component::Toybox => &TOYBOX_DOWNLOAD,
             };
-            download_local(pinned, root).or_else(debian)
+            download_local(pinned, root).or_else(|| if fallback { debian() } else { None })
         }
     }
 }

@@ -228,3 +228,40 @@ fn parked_kernel_answers_ping_and_tcp_through_tap_in_a_private_namespace() {
     drop(vm);
     drop(ns);
 }
+
+/// Layer 5, hardware KVM only: the guest's own `/init` pings its gateway
+/// 10.0.2.2 (the VMM's user network), prints `SUCCESS: ONLINE`, signals ready
+/// through the boot timer and reboots.
+#[test]
+fn guest_init_goes_online_on_hardware_kvm() {
+    const T: &str = "guest_init_online";
+    let host = osso_sdk::HostKvm::detect();
+    if host != osso_sdk::HostKvm::Hardware {
+        // Not a missing prerequisite: this host's KVM cannot run guest user space.
+        eprintln!("SKIPPED {T}: needs hardware KVM to run guest user space; this host has {host}");
+        return;
+    }
+    let built = image_built();
+    if !require(T, built.is_ok(), &format!("no image: {:?}", built.err())) {
+        return;
+    }
+    let vm = osso_sdk::spawn(
+        Config::builder()
+            .boot_timeout(Duration::from_secs(30))
+            .build(),
+    )
+    .expect("the guest becomes ready");
+    let exit = vm.shutdown(Duration::from_secs(10));
+    let text = vm.console().text();
+    assert!(text.contains("SUCCESS: ONLINE"), "guest console:\n{text}");
+    assert!(
+        exit.guest_ended_by_itself(),
+        "the guest rebooted itself: {exit}"
+    );
+    let m = vm.metrics();
+    assert!(
+        m.boot.total_us.is_some() && m.boot.kernel_us.is_some() && m.boot.init_us.is_some(),
+        "{m}"
+    );
+    eprintln!("{T}: {m}");
+}
