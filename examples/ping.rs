@@ -86,7 +86,7 @@ fn host_pings_parked_kernel(pings: u16) -> Result<(bool, osso_sdk::Metrics), oss
             .echo_console(true)
             .cmdline(PARKED_KERNEL)
             .ready_when(ReadyWhen::GuestPing)
-            .boot_timeout(Duration::from_secs(300))
+            .boot_timeout(Duration::from_secs(600))
             .build(),
     )?;
     println!("osso ping: the guest kernel answers; pinging 10.0.2.15 from 10.0.2.2");
