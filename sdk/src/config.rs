@@ -103,6 +103,9 @@ pub struct Config {
     pub boot_timeout: Duration,
     /// The VM is stopped after this long in all (None: runs until it ends or is stopped).
     pub lifetime: Option<Duration>,
+    /// Confine the VM's vCPU and device threads with seccomp allowlists
+    /// (default on; turn off only for debugging).
+    pub seccomp: bool,
 }
 
 impl Default for Config {
@@ -119,6 +122,7 @@ impl Default for Config {
             ready: ReadyWhen::BootTimer,
             boot_timeout: Duration::from_secs(30),
             lifetime: None,
+            seccomp: true,
         }
     }
 }
@@ -281,6 +285,11 @@ impl ConfigBuilder {
         self.0.lifetime = Some(t);
         self
     }
+    /// Seccomp filters on the VM's vCPU and device threads (default on).
+    pub fn seccomp(mut self, on: bool) -> Self {
+        self.0.seccomp = on;
+        self
+    }
     /// The finished configuration.
     pub fn build(self) -> Config {
         self.0
@@ -302,6 +311,7 @@ mod tests {
             matches!(&c.network, Network::User { forwards, allowed_host_ports } if forwards.is_empty() && allowed_host_ports.is_empty())
         );
         assert!(c.validate().is_ok());
+        assert!(c.seccomp, "seccomp is on by default");
     }
 
     #[test]

@@ -30,6 +30,12 @@ impl Exit {
     pub fn guest_ended_by_itself(&self) -> bool {
         self.reason.guest_ended_by_itself()
     }
+
+    /// Whether the guest kernel panicked (a console `Kernel panic - not
+    /// syncing` line before it reset, or a KVM crash event): not a clean exit.
+    pub fn panicked(&self) -> bool {
+        self.reason == ExitReason::Panic
+    }
 }
 
 impl std::fmt::Display for Exit {
@@ -144,6 +150,7 @@ pub(crate) fn spawn_files(
     vmc.timeout = config.lifetime;
     vmc.console = Box::new(console.writer());
     vmc.start = Some(started);
+    vmc.seccomp = config.seccomp;
     let mut builder = MachineBuilder::new(vmc)?;
     let net = attach_net(&mut builder, &config.net_config())?;
     let mut forwards = Vec::new();

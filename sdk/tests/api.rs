@@ -127,6 +127,36 @@ fn boot_timeout_stops_a_guest_that_never_gets_ready() {
 }
 
 #[test]
+fn kernel_panic_then_reset_is_reported_as_a_panic() {
+    if !kvm_or_skip("kernel_panic") {
+        return;
+    }
+    // What a kernel with panic=-1 does: the panic line, then an immediate reset.
+    let dir = tempfile::tempdir().unwrap();
+    let vm = osso_sdk::spawn(
+        tiny(
+            dir.path(),
+            "k",
+            "Kernel panic - not syncing: x",
+            Then::ReadyThenReset,
+        )
+        .build(),
+    )
+    .expect("spawn");
+    let exit = vm.wait();
+    assert_eq!(exit.reason, ExitReason::Panic, "{exit}");
+    assert!(exit.panicked());
+    assert!(!exit.guest_ended_by_itself(), "a panic is not a clean exit");
+    assert_eq!(vm.metrics().exit.as_deref(), Some("guest kernel panic"));
+    // The same guest without the panic line is a clean reset.
+    let vm = osso_sdk::spawn(tiny(dir.path(), "k2", "all good", Then::ReadyThenReset).build())
+        .expect("spawn");
+    let exit = vm.wait();
+    assert_eq!(exit.reason, ExitReason::Reset);
+    assert!(!exit.panicked());
+}
+
+#[test]
 fn lifetime_ends_a_running_guest_with_reason_timeout() {
     if !kvm_or_skip("lifetime") {
         return;

@@ -15,7 +15,8 @@
 //! - [`machine`]: configuration, assembly (where devices are added), vCPU
 //!   threads, stop/wait, exit reasons;
 //! - [`metrics`]: boot milestones and memory figures;
-//! - `virtio`, `net`: the virtio-mmio transport, virtio-net and its backends.
+//! - `virtio`, `net`: the virtio-mmio transport, virtio-net and its backends;
+//! - [`snapshot`]: pause, snapshot to a directory, restore into a new machine.
 
 pub mod boot;
 pub mod bus;
@@ -25,6 +26,8 @@ pub mod layout;
 pub mod machine;
 pub mod metrics;
 pub mod net;
+pub mod seccomp;
+pub mod snapshot;
 pub mod virtio;
 
 pub use boot::{BootSource, CpuMode};

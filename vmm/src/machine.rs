@@ -70,6 +70,9 @@ pub struct VmConfig {
     pub start: Option<Instant>,
     /// Append the PVM workaround: `None` = when the host's KVM is PVM.
     pub pvm_workaround: Option<bool>,
+    /// Confine the vCPU and virtio device threads with seccomp allowlists
+    /// (default on; see [`crate::seccomp`]). Turn off only for debugging.
+    pub seccomp: bool,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -81,6 +84,7 @@ impl std::fmt::Debug for VmConfig {
             .field("cmdline_base", &self.cmdline_base)
             .field("cmdline_extra", &self.cmdline_extra)
             .field("timeout", &self.timeout)
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +106,7 @@ impl VmConfig {
             console_input: None,
             start: None,
             pvm_workaround: None,
+            seccomp: true,
         }
     }
 
@@ -135,7 +140,10 @@ pub enum ExitReason {
     Reset,
     /// The guest shut down (KVM shutdown event, or HLT without an in-kernel LAPIC).
     Shutdown,
-    /// The guest reported a crash (KVM crash event).
+    /// The guest kernel panicked: a KVM crash event, or a reset or shutdown
+    /// after a console line `Kernel panic - not syncing` (a kernel with
+    /// `panic=-1` reboots at once after panicking; without this rule that
+    /// would look like a clean reset).
     Panic,
     /// The configured timeout expired.
     Timeout,
@@ -167,7 +175,7 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::Reset => write!(f, "reset"),
             ExitReason::Shutdown => write!(f, "shutdown"),
-            ExitReason::Panic => write!(f, "guest panic"),
+            ExitReason::Panic => write!(f, "guest kernel panic"),
             ExitReason::Timeout => write!(f, "timeout"),
             ExitReason::Stopped => write!(f, "stopped by the host"),
             ExitReason::InternalError {
@@ -250,6 +258,23 @@ struct Shared {
     vcpu_threads: Mutex<Vec<libc::pthread_t>>,
     exit_evt: EventFd,
     timeline: Arc<Timeline>,
+    /// Snapshot support: vCPUs park while this is set (see [`Machine::resume`]).
+    pause: AtomicBool,
+    /// Parked vCPUs and the state each saved on parking.
+    parked: Mutex<ParkState>,
+    /// Signalled when a vCPU parks, and when the pause ends.
+    park_cv: Condvar,
+}
+
+/// vCPUs parked by a pause, and what they saved.
+#[derive(Default)]
+struct ParkState {
+    /// How many vCPUs are parked.
+    count: usize,
+    /// MSR indices to save (set by the pauser).
+    msr_list: Vec<u32>,
+    /// Each parked vCPU's saved state, by index.
+    saved: Vec<Option<Result<crate::snapshot::VcpuState, String>>>,
 }
 
 struct PthreadKick(libc::pthread_t);
@@ -266,6 +291,16 @@ unsafe impl Killable for PthreadKick {
 impl Shared {
     /// Records `reason` if none was yet, and stops every vCPU.
     fn request_exit(&self, reason: ExitReason) {
+        // The console line is scanned on the vCPU thread that wrote it, so a
+        // panic line printed before the reset is always seen here.
+        let reason = match reason {
+            ExitReason::Reset | ExitReason::Shutdown
+                if self.timeline.kernel_panic_us().is_some() =>
+            {
+                ExitReason::Panic
+            }
+            other => other,
+        };
         let first = {
             let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
             if exit.is_none() {
@@ -367,7 +402,17 @@ pub struct MachineBuilder {
 impl MachineBuilder {
     /// Creates the VM, its guest RAM and the legacy devices (UART, i8042,
     /// boot timer). Nothing runs yet.
-    pub fn new(mut config: VmConfig) -> Result<Self, VmmError> {
+    pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        Self::with_memory(config, None)
+    }
+
+    /// As [`MachineBuilder::new`], with guest RAM given by the caller (a
+    /// snapshot's memory mapped copy-on-write) instead of fresh anonymous
+    /// memory; it must be `config.mem_mib` long.
+    pub fn with_memory(
+        mut config: VmConfig,
+        given_mem: Option<GuestMemoryMmap>,
+    ) -> Result<Self, VmmError> {
         let start = config.start.unwrap_or_else(Instant::now);
         let timeline = Arc::new(Timeline::new(start));
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
@@ -379,7 +424,22 @@ impl MachineBuilder {
             boot::validate_kernel(kernel, initrd.as_deref(), mem_size)?;
         }
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
-        let mem = layout::create_guest_memory(config.mem_mib)?;
+        let mem = match given_mem {
+            Some(m) => {
+                let len: u64 = vm_memory::GuestMemoryBackend::iter(&m)
+                    .map(vm_memory::GuestMemoryRegion::len)
+                    .sum();
+                if len != mem_size {
+                    return Err(VmmError::Layout(LayoutError::BadMemorySize {
+                        mib: len >> 20,
+                        min: config.mem_mib,
+                        max: config.mem_mib,
+                    }));
+                }
+                m
+            }
+            None => layout::create_guest_memory(config.mem_mib)?,
+        };
         let vm = Arc::new(kvm::create_vm(&kvm, &mem)?);
         tracing::debug!(us = timeline.now_us(), "setup: VM, guest RAM, irqchip, PIT");
 
@@ -392,6 +452,9 @@ impl MachineBuilder {
             vcpu_threads: Mutex::new(Vec::new()),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(os("exit eventfd"))?,
             timeline: timeline.clone(),
+            pause: AtomicBool::new(false),
+            parked: Mutex::new(ParkState::default()),
+            park_cv: Condvar::new(),
         });
 
         let pio = Bus::new();
@@ -446,6 +509,11 @@ impl MachineBuilder {
     /// The KVM VM, for device code (irqfds, ioeventfds...).
     pub fn vm_fd(&self) -> Arc<VmFd> {
         self.vm.clone()
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
     }
 
     /// Guest RAM (a cheap clone sharing the mapping).
@@ -561,6 +629,12 @@ impl MachineBuilder {
         Ok(())
     }
 
+    /// Whether the VM's threads are confined by seccomp ([`VmConfig::seccomp`]):
+    /// device code starting threads of its own applies it to them too.
+    pub fn seccomp(&self) -> bool {
+        self.config.seccomp
+    }
+
     /// The UART, e.g. to queue console input.
     pub fn serial(&self) -> Arc<Serial> {
         self.serial.clone()
@@ -583,7 +657,7 @@ impl MachineBuilder {
     }
 
     /// Loads what is to be booted, configures the vCPUs and starts them.
-    pub fn start(mut self) -> Result<Machine, VmmError> {
+    pub fn start(self) -> Result<Machine, VmmError> {
         let (entry, protocol): (BootEntry, &'static str) = match &self.config.boot {
             BootSource::Kernel { kernel, initrd } => {
                 let pvm = self
@@ -632,6 +706,30 @@ impl MachineBuilder {
         }
 
         tracing::debug!(us = self.timeline.now_us(), "setup: vCPUs configured");
+        self.launch(vcpus, protocol, None)
+    }
+
+    /// Starts vCPUs whose state the caller has set (a restore): nothing is
+    /// loaded into guest memory and no boot registers are set.
+    pub fn start_restored(
+        self,
+        vcpus: Vec<VcpuFd>,
+        restore: crate::metrics::RestoreMetrics,
+    ) -> Result<Machine, VmmError> {
+        if vcpus.len() != usize::from(self.config.vcpus) {
+            return Err(VmmError::BadVcpuCount(
+                u8::try_from(vcpus.len()).unwrap_or(u8::MAX),
+            ));
+        }
+        self.launch(vcpus, "restored", Some(restore))
+    }
+
+    fn launch(
+        mut self,
+        vcpus: Vec<VcpuFd>,
+        protocol: &'static str,
+        restore: Option<crate::metrics::RestoreMetrics>,
+    ) -> Result<Machine, VmmError> {
         install_kick_handler();
         let mut handles = Vec::with_capacity(vcpus.len());
         {
@@ -644,6 +742,7 @@ impl MachineBuilder {
             for (id, fd) in vcpus.into_iter().enumerate() {
                 let ctx = VcpuContext {
                     id: id as u8,
+                    seccomp: self.config.seccomp,
                     pio: self.pio.clone(),
                     mmio: self.mmio.clone(),
                     shared: self.shared.clone(),
@@ -677,6 +776,8 @@ impl MachineBuilder {
         Ok(Machine {
             vm: self.vm,
             mem: self.mem,
+            mmio: self.mmio,
+            restore,
             serial: self.serial,
             shared: self.shared,
             timeline: self.timeline,
@@ -729,6 +830,7 @@ fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Serial>, sha
 
 struct VcpuContext {
     id: u8,
+    seccomp: bool,
     pio: Bus,
     mmio: Bus,
     shared: Arc<Shared>,
@@ -744,7 +846,57 @@ enum Next {
 }
 
 impl VcpuContext {
+    /// Parks this vCPU for a pause: completes a pending PIO/MMIO read (one
+    /// `KVM_RUN` with `immediate_exit` set, as KVM documents), saves the
+    /// vCPU's state for a snapshot, then waits until the pause ends or the VM
+    /// stops.
+    fn park(&self, vcpu: &mut VcpuFd) {
+        vcpu.set_kvm_immediate_exit(1);
+        match vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => tracing::debug!(vcpu = self.id, %e, "completing I/O before parking"),
+            Ok(exit) => tracing::debug!(vcpu = self.id, ?exit, "exit while parking"),
+        }
+        vcpu.set_kvm_immediate_exit(0);
+        let msr_list = {
+            let p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+            p.msr_list.clone()
+        };
+        let saved = crate::snapshot::save_vcpu(self.id, vcpu, &msr_list).map_err(|e| e.to_string());
+        let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let i = usize::from(self.id);
+        if p.saved.len() <= i {
+            p.saved.resize_with(i + 1, || None);
+        }
+        p.saved[i] = Some(saved);
+        p.count += 1;
+        self.shared.park_cv.notify_all();
+        while self.shared.pause.load(Ordering::SeqCst) && !self.shared.stop.load(Ordering::SeqCst) {
+            p = self
+                .shared
+                .park_cv
+                .wait_timeout(p, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        p.count -= 1;
+        if let Some(s) = p.saved.get_mut(i) {
+            *s = None;
+        }
+    }
+
     fn run(self, mut vcpu: VcpuFd) {
+        if self.seccomp {
+            // Fail closed: a vCPU that cannot be confined does not run.
+            if let Err(e) =
+                crate::seccomp::apply_to_current_thread(crate::seccomp::ThreadKind::Vcpu)
+            {
+                self.shared.request_exit(ExitReason::VcpuError(format!(
+                    "{e} (VmConfig::seccomp = false turns the filters off)"
+                )));
+                return;
+            }
+        }
         KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
         let mut unknown_logged = 0u32;
         loop {
@@ -753,6 +905,10 @@ impl VcpuContext {
                 // stops): cheap, and what one needs to debug a hung boot.
                 tracing::debug!(vcpu = self.id, regs = %dump_registers(&vcpu), "vCPU stopped");
                 break;
+            }
+            if self.shared.pause.load(Ordering::SeqCst) {
+                self.park(&mut vcpu);
+                continue;
             }
             if self.id == 0 {
                 self.shared.timeline.mark_first_kvm_run();
@@ -894,6 +1050,8 @@ pub struct RunOutcome {
 pub struct Machine {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    mmio: Bus,
+    restore: Option<crate::metrics::RestoreMetrics>,
     serial: Arc<Serial>,
     shared: Arc<Shared>,
     timeline: Arc<Timeline>,
@@ -954,6 +1112,94 @@ impl Machine {
                 .0;
         }
         exit.clone()
+    }
+
+    /// Pauses every vCPU (each parks out of `KVM_RUN` and saves its state)
+    /// and returns their states, in index order. The VM stays paused until
+    /// [`Machine::resume`]. Fails if the VM ended or a vCPU did not park
+    /// within `timeout` (the pause is then undone).
+    pub(crate) fn pause_and_save(
+        &self,
+        timeout: Duration,
+        msr_list: &[u32],
+    ) -> Result<Vec<crate::snapshot::VcpuState>, String> {
+        let n = self.handles.len();
+        {
+            let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+            p.msr_list = msr_list.to_vec();
+        }
+        self.shared.pause.store(true, Ordering::SeqCst);
+        self.shared.kick_all();
+        let deadline = Instant::now() + timeout;
+        let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        while p.count < n {
+            let now = Instant::now();
+            if self.shared.reason().is_some() || now >= deadline {
+                drop(p);
+                self.resume();
+                return Err(match self.shared.reason() {
+                    Some(r) => format!("the VM has ended ({r})"),
+                    None => format!("vCPUs did not park within {timeout:?}"),
+                });
+            }
+            p = self
+                .shared
+                .park_cv
+                .wait_timeout(p, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            match p.saved.get(i).cloned().flatten() {
+                Some(Ok(s)) => out.push(s),
+                Some(Err(e)) => return Err(format!("saving vCPU {i}: {e}")),
+                None => return Err(format!("vCPU {i} saved nothing")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pauses the VM: every vCPU parks out of `KVM_RUN`. Devices keep their
+    /// threads (a paused guest posts no new work).
+    pub fn pause(&self, timeout: Duration) -> Result<(), String> {
+        // The vCPUs save their state on parking (a later snapshot of the
+        // paused VM uses it), so they need the MSR list now.
+        let msrs = crate::snapshot::msr_index_list(&self._kvm);
+        self.pause_and_save(timeout, &msrs).map(|_| ())
+    }
+
+    /// Ends a pause: parked vCPUs run on.
+    pub fn resume(&self) {
+        self.shared.pause.store(false, Ordering::SeqCst);
+        let _p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        self.shared.park_cv.notify_all();
+    }
+
+    /// Whether the VM is paused (a pause was asked and not ended).
+    pub fn is_paused(&self) -> bool {
+        self.shared.pause.load(Ordering::SeqCst)
+    }
+
+    /// The restore phases, for a machine made by [`crate::snapshot::restore`].
+    pub fn restore_metrics(&self) -> Option<crate::metrics::RestoreMetrics> {
+        self.restore
+    }
+
+    pub(crate) fn kvm(&self) -> &Kvm {
+        &self._kvm
+    }
+
+    pub(crate) fn mmio_ranges(&self) -> Vec<(u64, u64)> {
+        self.mmio.ranges().iter().map(|r| (r.base, r.len)).collect()
+    }
+
+    pub(crate) fn boot_protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    pub(crate) fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.serial.save_state()
     }
 
     /// Queues console input for the guest; returns the bytes accepted.
@@ -1019,6 +1265,7 @@ impl Machine {
             process_rss_bytes: mem.process_rss_bytes,
             vmm_rss_bytes: mem.vmm_rss_bytes,
             vmm_anon_rss_bytes: mem.vmm_anon_rss_bytes,
+            restore: self.restore,
         };
         RunOutcome { exit, metrics }
     }

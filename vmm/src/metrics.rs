@@ -116,6 +116,30 @@ pub struct Metrics {
     /// bytes: the VMM's own memory without the shared library and
     /// executable pages counted in `vmm_rss_bytes`.
     pub vmm_anon_rss_bytes: u64,
+    /// Set when the VM was restored from a snapshot: how long each restore
+    /// phase took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreMetrics>,
+}
+
+/// The phases of a restore from a snapshot, each measured with the monotonic
+/// clock around its own step, in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct RestoreMetrics {
+    /// Open /dev/kvm, read and check the state file, check the memory file.
+    pub read_state_us: u64,
+    /// Map the memory file copy-on-write.
+    pub map_memory_us: u64,
+    /// Create the VM (memory slot, irqchip, PIT) and the legacy devices.
+    pub create_vm_us: u64,
+    /// Load the irqchip, PIT and clock state.
+    pub irqchip_us: u64,
+    /// Load the device state (UART).
+    pub devices_us: u64,
+    /// Create the vCPUs and load their state.
+    pub vcpus_us: u64,
+    /// The call to restore up to starting the vCPU threads.
+    pub total_us: u64,
 }
 
 /// Memory figures at one instant.

@@ -48,8 +48,13 @@ const PADDR: u64 = 0x20_0000;
 /// byte of "ok\n", then `mov al, 0xfe; out 0x64, al` (B0 FE E6 64: i8042
 /// reset), then `jmp $` (EB FE).
 fn hello_and_reset() -> Vec<u8> {
+    say_and_reset(b"ok\n")
+}
+
+/// Prints `msg` on COM1, then resets through the i8042.
+fn say_and_reset(msg: &[u8]) -> Vec<u8> {
     let mut c = vec![0x66, 0xba, 0xf8, 0x03];
-    for b in b"ok\n" {
+    for b in msg {
         c.extend_from_slice(&[0xb0, *b, 0xee]);
     }
     c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
@@ -214,4 +219,187 @@ fn user_network_guest_runs_and_forwards_are_reported() {
         "console on stdout"
     );
     assert!(err.contains("forwarding 127.0.0.1:"), "{err}");
+}
+
+#[test]
+fn kernel_panic_then_reset_exits_1_saying_guest_kernel_panic() {
+    if !kvm_available() {
+        return;
+    }
+    // A kernel with panic=-1 prints the panic line and resets at once.
+    let code = say_and_reset(b"Kernel panic - not syncing: x\n");
+    let k = temp_with(&elf_kernel(PADDR, &code, Some(PADDR as u32)));
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("metrics.json");
+    let o = osso_vmm(&[
+        "--kernel",
+        k.path().to_str().unwrap(),
+        "--timeout",
+        "20",
+        "--metrics-json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("osso-vmm: guest kernel panic")),
+        "{err}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(m["exit_reason"], "guest kernel panic");
+    assert!(m["kernel_panic_us"].as_u64().is_some());
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs osso-vmm with `TMPDIR` pointing at an empty directory of its own and
+/// checks that it exits with 2 (not a signal, not a panic), one clear reason
+/// naming `needle`, and leaves nothing in that directory.
+fn refused(args: &[&str], needle: &str) {
+    refused_with(args, needle, &[2]);
+}
+
+/// As [`refused`], accepting any of `codes` as the exit status.
+fn refused_with(args: &[&str], needle: &str, codes: &[i32]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_osso-vmm"))
+        .args(args)
+        .args(["--no-stdin", "--timeout", "3"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("osso-vmm runs");
+    let err = stderr(&o);
+    assert!(
+        o.status.code().is_some_and(|c| codes.contains(&c)),
+        "{args:?}: {:?}: {err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "{args:?}: wanted {needle:?} in: {err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "{args:?} left {left:?} behind");
+}
+
+#[test]
+fn hostile_kernels_initrds_and_sizes_are_refused_cleanly() {
+    let empty = temp_with(b"");
+    let random = temp_with(&noise(64 * 1024, 7));
+    // Valid ELF header, then noise: program headers point anywhere.
+    let mut elf_noise = elf_kernel(PADDR, &[0x90; 64], Some(PADDR as u32))[..64].to_vec();
+    elf_noise.extend_from_slice(&noise(8192, 9));
+    let elf_noise = temp_with(&elf_noise);
+    // A bzImage signature ("HdrS" at 0x202) in a file of noise.
+    let mut bz = noise(16 * 1024, 11);
+    bz[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let bz = temp_with(&bz);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let p = |f: &tempfile::NamedTempFile| f.path().to_str().unwrap().to_string();
+    let (e, r, en, b) = (p(&empty), p(&random), p(&elf_noise), p(&bz));
+    // Headers that parse with noise behind them may load: the guest then runs
+    // noise, which ends it with a KVM error (1), or is refused (2).
+    refused_with(&["--kernel", &en], "osso-vmm:", &[1, 2]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--kernel", &e], &e),
+        (vec!["--kernel", &r], &r),
+        (vec!["--kernel", &b], &b),
+        (vec!["--kernel", d], d),
+        (vec!["--kernel", &r, "--mem-mib", "0"], "MiB"),
+        (vec!["--kernel", &r, "--mem-mib", "1"], "MiB"),
+        (vec!["--kernel", &r, "--mem-mib", "1099511627776"], "MiB"),
+        (
+            vec!["--kernel", &r, "--mem-mib", "18446744073709551615"],
+            "MiB",
+        ),
+        (vec!["--kernel", &r, "--mem-mib", "-1"], "'-1'"),
+        (vec!["--kernel", &r, "--vcpus", "0"], "vCPU"),
+        (vec!["--kernel", &r, "--net", "tap:a/b"], "TAP"),
+        (
+            vec!["--kernel", &r, "--net", "tap:0123456789abcdefg"],
+            "TAP",
+        ),
+        (vec!["--kernel", &r, "--net", "tap:"], "TAP"),
+        (vec!["--kernel", &r, "--net", "slirp"], "net"),
+        (vec!["--kernel", &r, "--forward", "0:80"], "forward"),
+        (vec!["--kernel", &r, "--forward", "80"], "forward"),
+        (vec!["--kernel", &r, "--timeout", "nan"], "timeout"),
+    ];
+    for (args, needle) in cases {
+        refused(&args, needle);
+    }
+}
+
+#[test]
+fn hostile_command_lines_initrds_and_busy_ports_are_refused_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let k = temp_with(&elf_kernel(PADDR, &hello_and_reset(), Some(PADDR as u32)));
+    let kp = k.path().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // A port in use on 127.0.0.1.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fwd = format!("{}:80", busy.local_addr().unwrap().port());
+    // Just under the kernel's 128 KiB limit on one exec argument.
+    let huge = "y".repeat(100_000);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--kernel", kp, "--cmdline-extra", "a\u{1}b"],
+            "command line",
+        ),
+        (
+            vec!["--kernel", kp, "--cmdline-extra", "a\nb"],
+            "command line",
+        ),
+        (
+            vec!["--kernel", kp, "--cmdline-extra", "\u{7f}"],
+            "command line",
+        ),
+        (
+            vec!["--kernel", kp, "--cmdline-extra", &huge],
+            "command line",
+        ),
+        (vec!["--kernel", kp, "--initrd", d], d),
+        (
+            vec!["--kernel", kp, "--forward", &fwd],
+            &fwd[..fwd.len() - 3],
+        ),
+    ];
+    for (args, needle) in cases {
+        refused(&args, needle);
+    }
+    // Initrd contents are the guest kernel's business: empty or random bytes
+    // load (the tiny guest ignores them) and the guest runs.
+    for bytes in [Vec::new(), noise(100_000, 3)] {
+        let i = temp_with(&bytes);
+        let o = osso_vmm(&[
+            "--kernel",
+            kp,
+            "--initrd",
+            i.path().to_str().unwrap(),
+            "--timeout",
+            "20",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
 }

@@ -78,6 +78,9 @@ impl Write for ConsoleWriter {
     }
 }
 
+/// vm-superio's receive FIFO size (private there).
+const UART_FIFO_SIZE: usize = 64;
+
 type Uart = vm_superio::Serial<EventFdTrigger, NoEvents, ConsoleWriter>;
 
 /// The UART as a bus device (8 ports).
@@ -111,6 +114,42 @@ impl Serial {
                 0
             }
         }
+    }
+}
+
+impl Serial {
+    /// The UART's registers and receive FIFO (for a snapshot).
+    pub fn save_state(&self) -> vm_superio::serial::SerialState {
+        self.uart().state()
+    }
+
+    /// Replaces the UART's registers and receive FIFO with `state` (a
+    /// restore), keeping its interrupt line and console output. A state with
+    /// more input than the FIFO holds is refused and nothing changes.
+    pub fn restore_state(&self, state: &vm_superio::serial::SerialState) -> io::Result<()> {
+        if state.in_buffer.len() > UART_FIFO_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} bytes of pending input: the FIFO holds {}",
+                    state.in_buffer.len(),
+                    UART_FIFO_SIZE
+                ),
+            ));
+        }
+        let mut uart = self.uart();
+        let irq = uart.interrupt_evt().0.try_clone()?;
+        let placeholder = vm_superio::Serial::new(
+            EventFdTrigger(irq.try_clone()?),
+            ConsoleWriter::new(
+                Box::new(io::sink()),
+                Arc::new(Timeline::new(std::time::Instant::now())),
+            ),
+        );
+        let out = std::mem::replace(&mut *uart, placeholder).into_writer();
+        *uart = vm_superio::Serial::from_state(state, EventFdTrigger(irq), NoEvents, out)
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        Ok(())
     }
 }
 

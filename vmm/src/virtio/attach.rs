@@ -55,7 +55,8 @@ pub fn attach_net(
         return Ok(None);
     }
     let opened = config.open()?;
-    let device = NetDevice::new(config.mac, opened.backend);
+    let mut device = NetDevice::new(config.mac, opened.backend);
+    device.set_seccomp(builder.seccomp());
     let metrics = device.metrics();
     let transport = Arc::new(Mutex::new(MmioTransport::new(
         device,

@@ -496,6 +496,101 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 }
 
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// The transport's registers and queues, for a snapshot (the vCPUs must
+    /// be paused). Queue positions of a running device come from the used
+    /// rings in guest memory (see [`crate::snapshot::format::VirtioMmioState`]).
+    pub fn save_state(&self) -> crate::snapshot::format::VirtioMmioState {
+        use crate::snapshot::format::VirtqueueState;
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let (next_avail, next_used) = if self.activated && q.ready() {
+                    match q.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire) {
+                        Ok(i) => (i.0, i.0),
+                        Err(_) => (q.next_avail(), q.next_used()),
+                    }
+                } else {
+                    (q.next_avail(), q.next_used())
+                };
+                VirtqueueState {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail,
+                    next_used,
+                }
+            })
+            .collect();
+        crate::snapshot::format::VirtioMmioState {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// Loads a saved state into a fresh transport (same device type and
+    /// queue count) and, if the driver had set DRIVER_OK, activates the
+    /// device on the restored queues.
+    pub fn restore_state(
+        &mut self,
+        s: &crate::snapshot::format::VirtioMmioState,
+    ) -> Result<(), String> {
+        if self.activated {
+            return Err("the transport is already running".into());
+        }
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device type {} with {} queues, the snapshot has type {} with {}",
+                self.device.device_type(),
+                self.queues.len(),
+                s.device_type,
+                s.queues.len()
+            ));
+        }
+        for (i, (q, qs)) in self.queues.iter_mut().zip(&s.queues).enumerate() {
+            q.try_set_size(qs.size)
+                .map_err(|e| format!("queue {i} size {}: {e:?}", qs.size))?;
+            q.set_desc_table_address(
+                Some(qs.desc_table as u32),
+                Some((qs.desc_table >> 32) as u32),
+            );
+            q.set_avail_ring_address(
+                Some(qs.avail_ring as u32),
+                Some((qs.avail_ring >> 32) as u32),
+            );
+            q.set_used_ring_address(Some(qs.used_ring as u32), Some((qs.used_ring >> 32) as u32));
+            q.set_next_avail(qs.next_avail);
+            q.set_next_used(qs.next_used);
+            q.set_ready(qs.ready);
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        let running = status::DRIVER_OK;
+        let broken = status::FAILED | status::DEVICE_NEEDS_RESET;
+        if s.status & running != 0 && s.status & broken == 0 {
+            self.activate()
+                .map_err(|e| format!("activating the device: {e}"))?;
+            self.activated = true;
+        }
+        self.interrupt
+            .restore_status(s.interrupt_status)
+            .map_err(|e| format!("interrupt: {e}"))?;
+        Ok(())
+    }
+}
+
 /// Lets `Arc<Mutex<MmioTransport<_>>>` sit on the VMM's MMIO bus directly
 /// (`MachineBuilder::add_virtio_mmio_device(transport.clone())`). A poisoned
 /// lock is recovered: the transport's state stays consistent between calls.
@@ -744,6 +839,48 @@ pub(crate) mod tests {
         let (mut t, _, _) = transport();
         negotiate(&mut t, 1 << 32);
         assert_ne!(rd(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn state_save_and_restore_into_a_fresh_transport() {
+        let (mut t, _, _) = transport();
+        negotiate(&mut t, (1 << 32) | (1 << 5));
+        setup_queue(&mut t, 0, 16, 0x1000, 0x2000, 0x3000);
+        setup_queue(&mut t, 1, 8, 0x4000, 0x5000, 0x6000);
+        wr(&mut t, reg::STATUS, STATUS_UP);
+        assert!(t.is_activated());
+        // The device has used 5 entries of queue 1 (used->idx at used + 2).
+        use vm_memory::Bytes;
+        t.mem.write_obj::<u16>(5, GuestAddress(0x6002)).unwrap();
+        t.interrupt.signal_used_queue().unwrap();
+        let saved = t.save_state();
+        assert_eq!(saved.status, STATUS_UP);
+        assert_eq!(saved.queues[1].next_used, 5);
+        assert_eq!(saved.queues[1].next_avail, 5);
+        assert_eq!(saved.queues[0].size, 16);
+        assert_eq!(saved.queues[1].used_ring, 0x6000);
+        assert_eq!(saved.interrupt_status, 1);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: crate::snapshot::format::VirtioMmioState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+
+        let (mut fresh, act, _) = transport();
+        fresh.restore_state(&back).unwrap();
+        assert!(fresh.is_activated());
+        assert_eq!(act.load(Ordering::SeqCst), 1);
+        assert_eq!(rd(&mut fresh, reg::STATUS), STATUS_UP);
+        assert_eq!(rd(&mut fresh, reg::INTERRUPT_STATUS), 1);
+        assert_eq!(fresh.queues[1].next_avail(), 5);
+        assert_eq!(fresh.queues[1].desc_table(), 0x4000);
+        // Saved again (its guest memory holds the same used ring): the same.
+        fresh.mem.write_obj::<u16>(5, GuestAddress(0x6002)).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        // A running transport, or one of another shape, is not overwritten.
+        assert!(fresh.restore_state(&back).is_err());
+        let (mut other, _, _) = transport();
+        let mut wrong = back.clone();
+        wrong.queues.pop();
+        assert!(other.restore_state(&wrong).is_err());
     }
 
     #[test]

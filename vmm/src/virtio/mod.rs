@@ -99,6 +99,16 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// Sets InterruptStatus to `bits` (a restore from a snapshot) and, if
+    /// any is set, raises the interrupt again.
+    pub fn restore_status(&self, bits: u32) -> io::Result<()> {
+        self.status.store(bits, std::sync::atomic::Ordering::SeqCst);
+        if bits != 0 {
+            self.evt.write(1)?;
+        }
+        Ok(())
+    }
+
     /// A new interrupt line with a non-blocking `EventFd`.
     pub fn new() -> io::Result<Self> {
         Ok(Self {

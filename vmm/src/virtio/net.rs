@@ -21,6 +21,9 @@
 //!   into receive buffers, raise the irq;
 //! * a stop EventFd written by [`VirtioDevice::reset`].
 //!
+//! First thing, the thread confines itself with the virtio device seccomp
+//! allowlist ([`crate::seccomp`]; [`NetDevice::set_seccomp`] to opt out).
+//!
 //! A hostile guest: every chain is validated by [`super::chain::walk_chain`]
 //! before any byte moves (loops, bad indices, indirect descriptors, zero or
 //! huge lengths, buffers outside guest memory), a transmit chain must be
@@ -176,6 +179,7 @@ pub struct NetDevice {
     metrics: Arc<NetMetrics>,
     worker: Option<RunningWorker>,
     warned_config_write: bool,
+    seccomp: bool,
 }
 
 struct RunningWorker {
@@ -202,7 +206,14 @@ impl NetDevice {
             metrics: Arc::new(NetMetrics::default()),
             worker: None,
             warned_config_write: false,
+            seccomp: true,
         }
+    }
+
+    /// Whether the device thread confines itself with the virtio device
+    /// seccomp filter ([`crate::seccomp`]) when it starts (default: yes).
+    pub fn set_seccomp(&mut self, on: bool) {
+        self.seccomp = on;
     }
 
     /// The device's counters.
@@ -299,9 +310,21 @@ impl VirtioDevice for NetDevice {
             backend,
             self.metrics.clone(),
         );
+        let seccomp = self.seccomp;
         let thread = std::thread::Builder::new()
             .name("osso-virtio-net".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                if seccomp {
+                    // Fail closed: an unconfined device thread moves no frame.
+                    if let Err(e) = crate::seccomp::apply_to_current_thread(
+                        crate::seccomp::ThreadKind::VirtioDevice,
+                    ) {
+                        error!("virtio-net: {e}; the device stays idle");
+                        return Some(worker);
+                    }
+                }
+                worker.run()
+            })?;
         self.worker = Some(RunningWorker {
             stop: stop.1,
             thread,
@@ -349,8 +372,12 @@ enum Which {
 }
 
 impl NetWorker {
+    /// A worker over `rx` and `tx` (ready, valid queues in `mem`). The device
+    /// builds one on activation and runs it on its thread; tests and fuzzers
+    /// drive one synchronously with [`NetWorker::process_tx`] and
+    /// [`NetWorker::process_rx`].
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub fn new(
         mem: GuestMemoryMmap,
         rx: Queue,
         tx: Queue,

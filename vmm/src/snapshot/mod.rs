@@ -1,0 +1,705 @@
+//! Snapshot and restore.
+//!
+//! [`crate::Machine::snapshot`] pauses the vCPUs (each parks itself out of
+//! `KVM_RUN`, after one `KVM_RUN` with `immediate_exit` set so that a pending
+//! PIO/MMIO read completes), then saves, into a directory:
+//! per vCPU the registers, special registers, FPU, XSAVE and XCRs, debug
+//! registers, LAPIC, MSRs (those of `KVM_GET_MSR_INDEX_LIST` the vCPU lets us
+//! read), MP state and pending events; VM-wide the PIC and IOAPIC, the PIT
+//! and the KVM clock; the UART; and guest RAM, one raw file (zero pages left
+//! as holes). The format is in [`format`].
+//!
+//! [`restore`] builds a new machine from such a directory: guest RAM is the
+//! snapshot's memory file mapped `MAP_PRIVATE` (copy-on-write: nothing is
+//! copied, clones share every page they have not written), the VM, irqchip
+//! and PIT are created and loaded, vCPUs are created with the saved state,
+//! the UART is re-created with its state, and the vCPUs run. The phases are
+//! timed in [`RestoreMetrics`] (also in the run's [`crate::Metrics`]).
+//!
+//! Pieces a host's KVM cannot read (PVM lacks some) are left out and named in
+//! the state's `unsupported` lists; restore skips them.
+//!
+//! virtio-net: [`snapshot_with_net`] saves the virtio-mmio transport
+//! (registers, features, queue addresses and positions) and the MAC;
+//! [`restore_with_net`] attaches a new device on a fresh backend and loads
+//! that state. A machine with other MMIO devices is refused at snapshot time
+//! with [`SnapshotError::Unsupported`], rather than restored half-working.
+
+pub mod blob;
+pub mod format;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+use crate::kvm::{kvm_err, KvmError};
+use crate::machine::{Machine, MachineBuilder, VmConfig, VmmError};
+pub use crate::metrics::RestoreMetrics;
+use crate::net::NetConfig;
+use crate::virtio::attach::{attach_net, AttachedNet};
+use blob::KvmBlob;
+pub use format::{
+    DeviceStates, Header, HostFacts, MsrValue, SerialState, SnapshotBody, VcpuState,
+    VirtioMmioState, VirtioNetState, VirtqueueState, VmState,
+};
+
+/// Snapshot and restore errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file could not be read or written.
+    #[error("snapshot file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The state file is not an Osso snapshot.
+    #[error("{path} is not an Osso snapshot: {reason}")]
+    NotASnapshot {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Written in another format version.
+    #[error("snapshot format version {found} (written by osso-vmm {written_by}) is not supported: this build reads version {supported}")]
+    Version {
+        /// The snapshot's version.
+        found: u32,
+        /// This build's.
+        supported: u32,
+        /// The VMM version that wrote it.
+        written_by: String,
+    },
+    /// Taken on a host that differs in a way the vCPU state depends on.
+    #[error(
+        "snapshot was taken on another kind of host: {what} is {snapshot:?} there, {host:?} here"
+    )]
+    HostMismatch {
+        /// The fact that differs.
+        what: &'static str,
+        /// The snapshot's value.
+        snapshot: String,
+        /// This host's.
+        host: String,
+    },
+    /// A file is shorter than its header says.
+    #[error("snapshot file {path} is truncated: {found} bytes, {expected} expected")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes announced.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+    },
+    /// A file's content does not match its header.
+    #[error("snapshot file {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The state could not be encoded.
+    #[error("encoding the snapshot state: {0}")]
+    Encode(String),
+    /// A KVM state ioctl failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Creating the machine failed.
+    #[error(transparent)]
+    Machine(#[from] VmmError),
+    /// The vCPUs did not park in time, or the VM has ended.
+    #[error("cannot pause the VM: {0}")]
+    Pause(String),
+    /// Something this version cannot snapshot or restore.
+    #[error("not supported by snapshots yet: {0}")]
+    Unsupported(String),
+    /// Guest memory could not be mapped or read.
+    #[error("guest memory: {0}")]
+    Memory(String),
+}
+
+/// The KVM kind and CPU of this host, with `kvm`'s API version.
+pub fn host_facts(kvm: &Kvm) -> HostFacts {
+    HostFacts::current(kvm.get_api_version())
+}
+
+/// Reads and checks the snapshot in `dir` against this host (for tools and
+/// tests: [`restore`] does this itself).
+pub fn read_snapshot(dir: &Path) -> Result<(Header, SnapshotBody), SnapshotError> {
+    let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+    format::read_state(dir, &host_facts(&kvm))
+}
+
+/// `KVM_GET_MSR_INDEX_LIST`, once per process.
+pub(crate) fn msr_index_list(kvm: &Kvm) -> Vec<u32> {
+    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
+    LIST.get_or_init(|| match kvm.get_msr_index_list() {
+        Ok(l) => l.as_slice().to_vec(),
+        Err(e) => {
+            tracing::warn!(%e, "KVM_GET_MSR_INDEX_LIST failed: no MSRs in snapshots");
+            Vec::new()
+        }
+    })
+    .clone()
+}
+
+/// The MSRs of `list` this host's vCPUs let us read (probed once per process:
+/// `KVM_GET_MSRS` stops at the first MSR it refuses, which is dropped).
+fn readable_msrs(vcpu: &VcpuFd, list: &[u32]) -> Vec<u32> {
+    static READABLE: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(r) = READABLE.get() {
+        return r.clone();
+    }
+    let mut ok = Vec::with_capacity(list.len());
+    let mut refused = Vec::new();
+    let mut rest: Vec<u32> = list.to_vec();
+    while !rest.is_empty() {
+        let chunk: Vec<u32> = rest.iter().take(MSR_CHUNK).copied().collect();
+        let n = match read_msrs(vcpu, &chunk) {
+            Ok(v) => v.len(),
+            Err(_) => 0,
+        };
+        ok.extend_from_slice(&chunk[..n]);
+        if n < chunk.len() {
+            refused.push(chunk[n]);
+            rest.drain(..=n);
+        } else {
+            rest.drain(..n);
+        }
+    }
+    if !refused.is_empty() {
+        tracing::debug!(
+            readable = ok.len(),
+            refused = refused.len(),
+            "MSR index list filtered to the MSRs KVM_GET_MSRS accepts"
+        );
+    }
+    READABLE.get_or_init(|| ok).clone()
+}
+
+/// `KVM_GET_MSRS` takes at most this many at once.
+const MSR_CHUNK: usize = 200;
+
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrValue>, KvmError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| KvmError {
+        op: "build MSRs",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+    Ok(msrs
+        .as_slice()
+        .iter()
+        .take(n)
+        .map(|e| MsrValue {
+            index: e.index,
+            data: e.data,
+        })
+        .collect())
+}
+
+/// Saves one vCPU's state. Call on a vCPU that is out of `KVM_RUN` (parked),
+/// after pending I/O was completed.
+pub fn save_vcpu(id: u8, vcpu: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, KvmError> {
+    fn opt<T: blob::KvmPod>(
+        unsupported: &mut Vec<String>,
+        what: &str,
+        r: Result<T, kvm_ioctls::Error>,
+    ) -> Option<KvmBlob<T>> {
+        match r {
+            Ok(v) => Some(KvmBlob(v)),
+            Err(e) => {
+                unsupported.push(format!("{what}: {e}"));
+                None
+            }
+        }
+    }
+    let mut unsupported = Vec::new();
+    let u = &mut unsupported;
+    let mp_state = opt(u, "KVM_GET_MP_STATE", vcpu.get_mp_state());
+    let fpu = opt(u, "KVM_GET_FPU", vcpu.get_fpu());
+    let xsave = opt(u, "KVM_GET_XSAVE", vcpu.get_xsave());
+    let xcrs = opt(u, "KVM_GET_XCRS", vcpu.get_xcrs());
+    let debugregs = opt(u, "KVM_GET_DEBUGREGS", vcpu.get_debug_regs());
+    let lapic = opt(u, "KVM_GET_LAPIC", vcpu.get_lapic());
+    let events = opt(u, "KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events());
+    let cpuid = match vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
+        Ok(c) => c.as_slice().iter().map(|e| KvmBlob(*e)).collect(),
+        Err(e) => {
+            unsupported.push(format!("KVM_GET_CPUID2: {e}"));
+            Vec::new()
+        }
+    };
+    let regs = KvmBlob(vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?);
+    let sregs = KvmBlob(vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
+    let readable = readable_msrs(vcpu, msr_list);
+    let mut msrs = Vec::with_capacity(readable.len());
+    for chunk in readable.chunks(MSR_CHUNK) {
+        let got = read_msrs(vcpu, chunk)?;
+        if got.len() < chunk.len() {
+            unsupported.push(format!("MSR {:#x} could not be read", chunk[got.len()]));
+        }
+        msrs.extend(got);
+    }
+    Ok(VcpuState {
+        id,
+        cpuid,
+        regs,
+        sregs,
+        fpu,
+        xsave,
+        xcrs,
+        debugregs,
+        lapic,
+        msrs,
+        mp_state,
+        events,
+        unsupported,
+    })
+}
+
+/// Loads a saved state into a fresh vCPU (Firecracker's order: CPUID, MP
+/// state, registers, extended state, LAPIC, MSRs, and pending events last).
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, fallback_cpuid: &CpuId) -> Result<(), KvmError> {
+    if s.cpuid.is_empty() {
+        vcpu.set_cpuid2(fallback_cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+    } else {
+        let entries: Vec<_> = s.cpuid.iter().map(|b| b.0).collect();
+        let c = CpuId::from_entries(&entries).map_err(|_| KvmError {
+            op: "build CPUID",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        vcpu.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    }
+    if let Some(m) = &s.mp_state {
+        vcpu.set_mp_state(m.0)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    }
+    vcpu.set_regs(&s.regs.0).map_err(kvm_err("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&s.sregs.0)
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    if let Some(f) = &s.fpu {
+        vcpu.set_fpu(&f.0).map_err(kvm_err("KVM_SET_FPU"))?;
+    }
+    if let Some(x) = &s.xsave {
+        // SAFETY: a legacy 4 KiB `kvm_xsave` read by KVM_GET_XSAVE on a host
+        // of the same kind (checked by the header); no XSAVE2 extension area
+        // is passed, so KVM reads only the struct itself.
+        unsafe { vcpu.set_xsave(&x.0) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+    }
+    if let Some(x) = &s.xcrs {
+        vcpu.set_xcrs(&x.0).map_err(kvm_err("KVM_SET_XCRS"))?;
+    }
+    if let Some(d) = &s.debugregs {
+        vcpu.set_debug_regs(&d.0)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    }
+    if let Some(l) = &s.lapic {
+        vcpu.set_lapic(&l.0).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    }
+    for chunk in s.msrs.chunks(MSR_CHUNK) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.index,
+                data: m.data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| KvmError {
+            op: "build MSRs",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if n < entries.len() {
+            // Set the rest one by one past the refused one.
+            tracing::debug!(
+                msr = format_args!("{:#x}", entries[n].index),
+                "KVM_SET_MSRS refused an MSR; setting the others one by one"
+            );
+            for e in &entries[n..] {
+                if let Ok(one) = Msrs::from_entries(std::slice::from_ref(e)) {
+                    if vcpu.set_msrs(&one).unwrap_or(0) != 1 {
+                        tracing::debug!(msr = format_args!("{:#x}", e.index), "MSR not restored");
+                    }
+                }
+            }
+        }
+    }
+    if let Some(ev) = &s.events {
+        vcpu.set_vcpu_events(&ev.0)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    }
+    Ok(())
+}
+
+/// Saves the in-kernel irqchip (PIC master, PIC slave, IOAPIC), PIT and clock.
+pub fn save_vm(vm: &VmFd) -> VmState {
+    let mut s = VmState::default();
+    for chip_id in 0..3u32 {
+        let mut c = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        match vm.get_irqchip(&mut c) {
+            Ok(()) => s.irqchips.push(KvmBlob(c)),
+            Err(e) => s
+                .unsupported
+                .push(format!("KVM_GET_IRQCHIP (chip {chip_id}): {e}")),
+        }
+    }
+    match vm.get_pit2() {
+        Ok(p) => s.pit = Some(KvmBlob(p)),
+        Err(e) => s.unsupported.push(format!("KVM_GET_PIT2: {e}")),
+    }
+    match vm.get_clock() {
+        Ok(c) => s.clock = Some(KvmBlob(c)),
+        Err(e) => s.unsupported.push(format!("KVM_GET_CLOCK: {e}")),
+    }
+    s
+}
+
+/// Loads VM-wide state into a VM that has its irqchip and PIT.
+pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), KvmError> {
+    for c in &s.irqchips {
+        vm.set_irqchip(&c.0).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+    }
+    if let Some(p) = &s.pit {
+        vm.set_pit2(&p.0).map_err(kvm_err("KVM_SET_PIT2"))?;
+    }
+    if let Some(c) = &s.clock {
+        // Only the clock value: flags such as KVM_CLOCK_TSC_STABLE are
+        // reported by GET and refused by SET.
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: c.0.clock,
+            ..Default::default()
+        };
+        if let Err(e) = vm.set_clock(&clock) {
+            tracing::debug!(%e, "KVM_SET_CLOCK failed: guest clock not restored");
+        }
+    }
+    Ok(())
+}
+
+/// Writes guest RAM to `path`: non-zero pages written, zero pages left as
+/// holes (the file is sparse). Returns the bytes of RAM.
+pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotError> {
+    const PAGE: usize = 4096;
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; PAGE];
+    for region in mem.iter() {
+        if region.start_addr().0 != total {
+            return Err(SnapshotError::Unsupported(
+                "guest RAM that is not one contiguous range from 0".into(),
+            ));
+        }
+        let len = region.len();
+        let mut off = 0u64;
+        while off < len {
+            let n = usize::try_from((len - off).min(PAGE as u64)).unwrap_or(PAGE);
+            let page = &mut buf[..n];
+            mem.read_slice(page, GuestAddress(total + off))
+                .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+            if page.iter().any(|b| *b != 0) {
+                f.seek(SeekFrom::Start(total + off)).map_err(io)?;
+                f.write_all(page).map_err(io)?;
+            }
+            off += n as u64;
+        }
+        total += len;
+    }
+    f.set_len(total).map_err(io)?;
+    Ok(total)
+}
+
+/// Maps `path` (`bytes` long) as guest RAM from GPA 0, private and
+/// copy-on-write: the guest's writes go to anonymous pages of this process,
+/// the file is never modified, and unchanged pages are shared (page cache)
+/// between every VM mapping the same file.
+pub fn map_memory(path: &Path, bytes: u64) -> Result<GuestMemoryMmap, SnapshotError> {
+    let file = std::fs::File::open(path).map_err(|source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = usize::try_from(bytes)
+        .map_err(|_| SnapshotError::Memory(format!("{bytes} bytes do not fit usize")))?;
+    let region = MmapRegionBuilder::new(size)
+        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| SnapshotError::Memory(format!("mmap of {}: {e}", path.display())))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| SnapshotError::Memory("guest region overflows".into()))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| SnapshotError::Memory(e.to_string()))
+}
+
+/// How to run a restored VM: what a [`VmConfig`] says about the host side
+/// (the guest side comes from the snapshot).
+pub struct RestoreOptions {
+    /// Where the guest console output goes.
+    pub console: Box<dyn Write + Send>,
+    /// Host input for the guest console.
+    pub console_input: Option<Box<dyn std::io::Read + Send>>,
+    /// Stop the VM with a timeout after this long.
+    pub timeout: Option<Duration>,
+    /// The instant the metrics count from (default: the call to [`restore`]).
+    pub start: Option<Instant>,
+    /// Confine the VM's threads with seccomp (default on, as
+    /// [`VmConfig::seccomp`]).
+    pub seccomp: bool,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            console: Box::new(std::io::sink()),
+            console_input: None,
+            timeout: None,
+            start: None,
+            seccomp: true,
+        }
+    }
+}
+
+impl std::fmt::Debug for RestoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreOptions")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn us_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Restores the snapshot in `dir` into a new, running machine. A snapshot
+/// with a virtio-net device is refused: use [`restore_with_net`].
+pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<Machine, SnapshotError> {
+    restore_with_net(dir, opts, None).map(|(m, _)| m)
+}
+
+/// Restores the snapshot in `dir` into a new, running machine, re-creating
+/// its virtio-net device (if it had one) on a fresh backend opened from
+/// `net` (the MAC comes from the snapshot). Keep the returned [`AttachedNet`]
+/// as long as the VM lives.
+pub fn restore_with_net(
+    dir: &Path,
+    opts: RestoreOptions,
+    net: Option<&NetConfig>,
+) -> Result<(Machine, Option<AttachedNet>), SnapshotError> {
+    let start = opts.start.unwrap_or_else(Instant::now);
+    let t0 = Instant::now();
+    let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+    let host = host_facts(&kvm);
+    let (header, body) = format::read_state(dir, &host)?;
+    let mem_path = format::check_memory_file(dir, &header)?;
+    if body.mem_mib << 20 != header.memory_bytes {
+        return Err(SnapshotError::Corrupt {
+            path: dir.join(format::STATE_FILE),
+            reason: format!(
+                "{} MiB of RAM but a {}-byte memory file",
+                body.mem_mib, header.memory_bytes
+            ),
+        });
+    }
+    let vcpus = u8::try_from(body.vcpus.len())
+        .map_err(|_| SnapshotError::Unsupported(format!("{} vCPUs", body.vcpus.len())))?;
+    let read_state_us = us_since(t0);
+
+    let t = Instant::now();
+    let mem = map_memory(&mem_path, header.memory_bytes)?;
+    let map_memory_us = us_since(t);
+
+    let t = Instant::now();
+    let mut config = VmConfig::raw_code(Vec::new(), 0, 0, crate::CpuMode::Long64);
+    config.mem_mib = body.mem_mib;
+    config.vcpus = vcpus;
+    config.console = opts.console;
+    config.console_input = opts.console_input;
+    config.timeout = opts.timeout;
+    config.start = Some(start);
+    config.seccomp = opts.seccomp;
+    let mut builder = MachineBuilder::with_memory(config, Some(mem))?;
+    let create_vm_us = us_since(t);
+
+    let t = Instant::now();
+    restore_vm(&builder.vm_fd(), &body.vm)?;
+    let irqchip_us = us_since(t);
+
+    let t = Instant::now();
+    builder
+        .serial()
+        .restore_state(&(&body.devices.serial).into())
+        .map_err(|e| SnapshotError::Corrupt {
+            path: dir.join(format::STATE_FILE),
+            reason: format!("serial state: {e}"),
+        })?;
+    let attached = match (&body.devices.net, net) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(SnapshotError::Unsupported(
+                "the snapshot has a virtio-net device: restore it with restore_with_net and a network configuration".into(),
+            ))
+        }
+        (Some(ns), Some(cfg)) => Some(restore_net(&mut builder, ns, cfg)?),
+    };
+    let devices_us = us_since(t);
+
+    let t = Instant::now();
+    let cpuid = crate::kvm::vcpu::supported_cpuid(builder.kvm())?;
+    let mut fds = Vec::with_capacity(body.vcpus.len());
+    for (i, s) in body.vcpus.iter().enumerate() {
+        let fd = builder
+            .vm_fd()
+            .create_vcpu(i as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fallback = crate::kvm::vcpu::patch_cpuid(&cpuid, i as u8, vcpus)?;
+        restore_vcpu(&fd, s, &fallback)?;
+        fds.push(fd);
+    }
+    let vcpus_us = us_since(t);
+
+    let mut metrics = RestoreMetrics {
+        read_state_us,
+        map_memory_us,
+        create_vm_us,
+        irqchip_us,
+        devices_us,
+        vcpus_us,
+        total_us: 0,
+    };
+    metrics.total_us = us_since(t0);
+    tracing::info!(?metrics, dir = %dir.display(), "VM restored");
+    let machine = builder.start_restored(fds, metrics)?;
+    Ok((machine, attached))
+}
+
+fn restore_net(
+    builder: &mut MachineBuilder,
+    ns: &VirtioNetState,
+    cfg: &NetConfig,
+) -> Result<AttachedNet, SnapshotError> {
+    let mut cfg = cfg.clone();
+    cfg.mac = crate::net::MacAddr(ns.mac);
+    let attached = attach_net(builder, &cfg)
+        .map_err(|e| SnapshotError::Unsupported(format!("re-creating virtio-net: {e}")))?
+        .ok_or_else(|| {
+            SnapshotError::Unsupported(
+                "the snapshot has a virtio-net device but the network configuration is `none`"
+                    .into(),
+            )
+        })?;
+    if attached.slot.addr != ns.mmio_base || attached.slot.irq != ns.irq {
+        return Err(SnapshotError::Unsupported(format!(
+            "virtio-net landed at {:#x} (IRQ {}), the snapshot had it at {:#x} (IRQ {})",
+            attached.slot.addr, attached.slot.irq, ns.mmio_base, ns.irq
+        )));
+    }
+    attached
+        .transport
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .restore_state(&ns.transport)
+        .map_err(|e| SnapshotError::Corrupt {
+            path: PathBuf::from(format::STATE_FILE),
+            reason: format!("virtio-net state: {e}"),
+        })?;
+    Ok(attached)
+}
+
+impl Machine {
+    /// Pauses the VM, writes a snapshot of it into `dir` (created if
+    /// missing), and leaves it paused: call [`Machine::resume`] to go on.
+    /// A VM with a virtio device is refused: use [`snapshot_with_net`].
+    pub fn snapshot(&self, dir: &Path) -> Result<(), SnapshotError> {
+        snapshot_with_net(self, dir, None)
+    }
+}
+
+/// [`Machine::snapshot`] for a VM with a virtio-net device (`net`, as
+/// [`crate::virtio::attach::attach_net`] returned it).
+pub fn snapshot_with_net(
+    machine: &Machine,
+    dir: &Path,
+    net: Option<&AttachedNet>,
+) -> Result<(), SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let ranges = machine.mmio_ranges();
+    let extra: Vec<_> = ranges
+        .iter()
+        .filter(|r| r.0 != crate::layout::BOOT_TIMER_ADDR && Some(r.0) != net.map(|n| n.slot.addr))
+        .collect();
+    if !extra.is_empty() {
+        return Err(SnapshotError::Unsupported(format!(
+            "MMIO devices the snapshot does not know at {:#x?}",
+            extra.iter().map(|r| r.0).collect::<Vec<_>>()
+        )));
+    }
+    let msr_list = msr_index_list(machine.kvm());
+    let vcpus = machine
+        .pause_and_save(Duration::from_secs(5), &msr_list)
+        .map_err(SnapshotError::Pause)?;
+    for v in &vcpus {
+        if !v.unsupported.is_empty() {
+            tracing::info!(vcpu = v.id, missing = ?v.unsupported, "vCPU state this KVM does not give");
+        }
+    }
+    let vm = save_vm(&machine.vm_fd());
+    if !vm.unsupported.is_empty() {
+        tracing::info!(missing = ?vm.unsupported, "VM state this KVM does not give");
+    }
+    let net_state = net.map(|n| {
+        let t = n.transport.lock().unwrap_or_else(|p| p.into_inner());
+        VirtioNetState {
+            mmio_base: n.slot.addr,
+            irq: n.slot.irq,
+            mac: t.device().mac().0,
+            transport: t.save_state(),
+        }
+    });
+    let mem = machine.guest_memory();
+    let memory_bytes = write_memory(&mem, &dir.join(format::MEMORY_FILE))?;
+    let body = SnapshotBody {
+        mem_mib: memory_bytes >> 20,
+        boot_protocol: machine.boot_protocol().to_string(),
+        vcpus,
+        vm,
+        devices: DeviceStates {
+            serial: machine.serial_state().into(),
+            mmio_ranges: ranges,
+            net: net_state,
+        },
+    };
+    format::write_state(dir, &host_facts(machine.kvm()), &body, memory_bytes)?;
+    Ok(())
+}
