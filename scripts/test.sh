@@ -17,7 +17,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== guest image"
+t0=$SECONDS
 cargo run -q -p osso-guest --release -- build --quiet
+echo "guest image ready after $((SECONDS - t0)) s (includes compiling osso-guest)"
 eval "$(cargo run -q -p osso-guest --release -- info --json | python3 -c '
 import json, shlex, sys
 m = json.load(sys.stdin)
@@ -31,5 +33,6 @@ cargo test --release -p osso-vmm --test real_kernel -- --ignored --nocapture 2>&
 echo "== the ping example"
 cargo run -q --release --example ping -- --json 2>&1 | tee target/ping-example.txt | grep -v '^\[' | tail -5
 tail -1 target/ping-example.txt | python3 -c 'import json,sys; m=json.load(sys.stdin); assert m["online"] is True, m; print("ping example: online")'
+echo "== done in ${SECONDS} s"
 echo "== skipped (with reasons)"
 grep -h "SKIPPED\|NOT CHECKED" "$log" | sort | uniq -c || echo "none"
