@@ -43,9 +43,6 @@
 //! `"osso/qemu"`), with `<out>/boot-machine.json` describing the machine and
 //! how each figure was measured.
 
-#[path = "support/tiny_guest.rs"]
-mod tiny_guest;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,10 +53,10 @@ use std::time::{Duration, Instant};
 use osso_sdk::{Config, HostKvm, ReadyWhen};
 use osso_vmm::metrics::{memory_figures, process_rss_bytes};
 use osso_vmm::net::{MacAddr, NetBackendConfig, NetConfig};
+use osso_vmm::testing::{tiny_elf, Then};
 use osso_vmm::virtio::attach::attach_net;
 use osso_vmm::{MachineBuilder, VmConfig};
 use serde_json::json;
-use tiny_guest::{tiny_elf, Then};
 
 const INIT_LINE: &str = "Run /init as init process";
 const MEM_MIB: u64 = 128;

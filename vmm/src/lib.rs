@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod net;
 pub mod seccomp;
 pub mod snapshot;
+pub mod testing;
 pub mod virtio;
 
 pub use boot::{BootSource, CpuMode};

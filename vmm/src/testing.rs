@@ -1,15 +1,15 @@
-//! Tiny guests for the benches: a minimal ELF64 "kernel" with a PVH entry
-//! note, so it boots through the public API exactly as a real vmlinux does
-//! (Custom image, ELF loader, PVH entry in 32-bit protected mode), then runs a
-//! few dozen bytes of code instead of Linux. Adapted from `sdk/tests/common`
-//! (plus [`Then::ReadyThenHalt`], a guest that idles without using a CPU).
-#![allow(dead_code)]
+//! Tiny guests for tests and benchmarks: a minimal ELF64 "kernel" with a PVH
+//! entry note, so it boots exactly as a real vmlinux does (ELF loader, PVH
+//! entry in 32-bit protected mode), then runs a few dozen bytes of code
+//! instead of Linux: print a message on COM1, optionally signal ready through
+//! the boot timer, then reset, halt or spin. Used by the SDK's tests and the
+//! boot benchmark, and useful to embedders who want to exercise the VMM alone.
 
 /// Load (and entry) address: the first byte above 1 MiB, where the loader puts kernels.
-const LOAD: u32 = 0x0010_0000;
+pub const LOAD: u32 = 0x0010_0000;
 
 /// What the tiny guest does after printing its message.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Then {
     /// Write 123 to the boot timer (ready), then reset through the i8042.
     ReadyThenReset,
@@ -29,7 +29,7 @@ fn code(msg: &str, then: Then) -> Vec<u8> {
         c.extend_from_slice(&[0xB0, b, 0xEE]); // mov al, b ; out dx, al
     }
     if then != Then::Spin {
-        let addr = osso_vmm::layout::BOOT_TIMER_ADDR as u32;
+        let addr = crate::layout::BOOT_TIMER_ADDR as u32;
         c.push(0xB8); // mov eax, BOOT_TIMER_ADDR
         c.extend_from_slice(&addr.to_le_bytes());
         c.extend_from_slice(&[0xC6, 0x00, 123]); // mov byte [eax], 123
