@@ -791,8 +791,8 @@ fn qemu_kernel_run(
     }
 }
 
-/// The real-kernel boots of both systems, interleaved (Osso, QEMU, Osso, ...)
-/// so that load from other work on the host falls on both alike.
+/// The real-kernel boots of both systems, in pairs started together (Osso and
+/// QEMU side by side), so that load from other work falls on both alike.
 fn real_kernel_boots(
     report: &mut Report,
     vmlinux: &Path,
@@ -835,7 +835,7 @@ fn real_kernel_boots(
         ));
     }
     println!(
-        "real kernel: {runs} boot(s) each of Osso{} (interleaved; up to {} s each) ...",
+        "real kernel: {runs} boot(s) each of Osso{} (side by side, in pairs; up to {} s each) ...",
         if qemu.is_some() { " and QEMU" } else { "" },
         limit.as_secs()
     );
@@ -849,37 +849,52 @@ fn real_kernel_boots(
             ));
             break;
         }
+        // Osso and QEMU boot side by side, started together, so that both see
+        // the same machine load (sequential runs on a shared 2-core machine
+        // were dominated by whatever else ran at the time).
+        let want_qemu = qemu.is_some() && std::env::var_os("OSSO_BENCH_NO_QEMU").is_none();
         let t = Instant::now();
-        match osso_kernel_run_in_child(vmlinux, initrd, limit) {
+        let (osso_result, qemu_result) = std::thread::scope(|s| {
+            let q = want_qemu
+                .then(|| s.spawn(|| qemu_kernel_run(vmlinux, initrd, &append, use_kvm, limit)));
+            let o = osso_kernel_run_in_child(vmlinux, initrd, limit);
+            let q = q.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("the QEMU run's thread panicked".to_string()))
+            });
+            (o, q)
+        });
+        match osso_result {
             Ok(r) => {
                 println!(
-                    "  osso run {}: setup {:.2} ms, first byte {:.1} ms, /init {:.0} ms ({:.0} s wall)",
+                    "  osso run {}: setup {:.2} ms, first byte {:.1} ms, /init {:.0} ms",
                     i + 1,
                     r.setup_ms.unwrap_or(f64::NAN),
                     r.first_byte_ms.unwrap_or(f64::NAN),
                     r.init_ms.unwrap_or(f64::NAN),
-                    t.elapsed().as_secs_f64()
                 );
                 osso.push(r);
             }
             Err(e) => report.note(format!("osso real-kernel run {} failed: {e}", i + 1)),
         }
-        if qemu.is_some() && std::env::var_os("OSSO_BENCH_NO_QEMU").is_none() {
-            let t = Instant::now();
-            match qemu_kernel_run(vmlinux, initrd, &append, use_kvm, limit) {
-                Ok(r) => {
-                    println!(
-                        "  qemu run {}: first byte {:.1} ms, /init {:.0} ms ({:.0} s wall)",
-                        i + 1,
-                        r.first_byte_ms.unwrap_or(f64::NAN),
-                        r.init_ms.unwrap_or(f64::NAN),
-                        t.elapsed().as_secs_f64()
-                    );
-                    qemu_runs.push(r);
-                }
-                Err(e) => report.note(format!("qemu real-kernel run {} failed: {e}", i + 1)),
+        match qemu_result {
+            Some(Ok(r)) => {
+                println!(
+                    "  qemu run {}: first byte {:.1} ms, /init {:.0} ms",
+                    i + 1,
+                    r.first_byte_ms.unwrap_or(f64::NAN),
+                    r.init_ms.unwrap_or(f64::NAN),
+                );
+                qemu_runs.push(r);
             }
+            Some(Err(e)) => report.note(format!("qemu real-kernel run {} failed: {e}", i + 1)),
+            None => {}
         }
+        println!(
+            "  pair {} took {:.0} s wall",
+            i + 1,
+            t.elapsed().as_secs_f64()
+        );
     }
     let col = |v: &[KernelRun], f: fn(&KernelRun) -> Option<f64>| -> Vec<f64> {
         v.iter().filter_map(f).collect()
