@@ -11,8 +11,9 @@
 //! banner, the hand-off line and a clean end, and says it could not check the
 //! boot timer. On hardware KVM it also expects the boot timer.
 
+mod common;
+
 use std::io::{self, Write};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,24 +32,6 @@ impl Write for Console {
     }
 }
 
-fn find_image() -> Option<(PathBuf, PathBuf)> {
-    if let (Ok(k), Ok(i)) = (std::env::var("OSSO_KERNEL"), std::env::var("OSSO_INITRD")) {
-        return Some((k.into(), i.into()));
-    }
-    let home = std::env::var("HOME").ok()?;
-    let dir = PathBuf::from(home).join(".cache/osso/images");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    dirs.sort();
-    dirs.into_iter().find_map(|d| {
-        let k = d.join("vmlinux");
-        let i = d.join("initramfs.cpio.gz");
-        (k.is_file() && i.is_file()).then_some((k, i))
-    })
-}
-
 /// Prints SKIPPED, or fails where the project's test command requires this
 /// layer (`OSSO_REQUIRE_E2E=1`).
 fn skip_or_fail(reason: &str) {
@@ -65,7 +48,7 @@ fn osso_kernel_boots_to_init() {
         skip_or_fail("/dev/kvm does not exist on this host");
         return;
     }
-    let Some((kernel, initrd)) = find_image() else {
+    let Some((kernel, initrd)) = common::find_image() else {
         skip_or_fail("no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)");
         return;
     };

@@ -8,7 +8,8 @@
 //! The image comes from `OSSO_KERNEL` / `OSSO_INITRD`, or the first directory
 //! of `~/.cache/osso/images/` holding `vmlinux` and `initramfs.cpio.gz`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use osso_vmm::net::NetConfig;
@@ -18,24 +19,6 @@ use osso_vmm::{MachineBuilder, VmConfig};
 
 const PARKED: &str =
     "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off rdinit=/nonexistent root=/dev/vda rootwait";
-
-fn find_image() -> Option<(PathBuf, PathBuf)> {
-    if let (Ok(k), Ok(i)) = (std::env::var("OSSO_KERNEL"), std::env::var("OSSO_INITRD")) {
-        return Some((k.into(), i.into()));
-    }
-    let home = std::env::var("HOME").ok()?;
-    let dir = PathBuf::from(home).join(".cache/osso/images");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    dirs.sort();
-    dirs.into_iter().find_map(|d| {
-        let k = d.join("vmlinux");
-        let i = d.join("initramfs.cpio.gz");
-        (k.is_file() && i.is_file()).then_some((k, i))
-    })
-}
 
 /// Pings until a reply or `limit`; returns the time to the first reply.
 fn first_ping(user: &osso_vmm::net::UserNetHandle, limit: Duration) -> Option<Duration> {
@@ -63,7 +46,7 @@ fn parked_kernel_snapshot_restored_twice_answers_pings() {
         println!("SKIPPED: /dev/kvm does not exist on this host");
         return;
     }
-    let Some((kernel, initrd)) = find_image() else {
+    let Some((kernel, initrd)) = common::find_image() else {
         println!("SKIPPED: no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)");
         return;
     };

@@ -2,6 +2,7 @@
 
 /// A minimal x86-64 ELF executable: one PT_LOAD of `code` at `paddr`, and a
 /// PT_NOTE with the Xen PVH entry note (type 18, "Xen") when `pvh_entry` is set.
+#[allow(dead_code)] // not every test binary builds tiny kernels
 pub fn elf_kernel(paddr: u64, code: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
     let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
     let note_off = 64 + 56 * u64::from(phnum);
@@ -41,4 +42,26 @@ pub fn elf_kernel(paddr: u64, code: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
     }
     e.extend_from_slice(code);
     e
+}
+
+/// The Osso kernel and initramfs for the real-kernel tests: `OSSO_KERNEL` /
+/// `OSSO_INITRD` (the test command sets them from the image manifest), else
+/// the first directory of `~/.cache/osso/images/` holding both files.
+#[allow(dead_code)] // not every test binary boots the real kernel
+pub fn find_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    if let (Ok(k), Ok(i)) = (std::env::var("OSSO_KERNEL"), std::env::var("OSSO_INITRD")) {
+        return Some((k.into(), i.into()));
+    }
+    let home = std::env::var("HOME").ok()?;
+    let dir = std::path::PathBuf::from(home).join(".cache/osso/images");
+    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    dirs.sort();
+    dirs.into_iter().find_map(|d| {
+        let k = d.join("vmlinux");
+        let i = d.join("initramfs.cpio.gz");
+        (k.is_file() && i.is_file()).then_some((k, i))
+    })
 }
