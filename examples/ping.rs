@@ -18,10 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 use osso_sdk::{Config, HostKvm, ReadyWhen};
 
-/// The PVM parking trick (see shared/notes): the kernel brings eth0 up itself,
-/// finds no init, and waits for ever for a root device, answering pings.
-const PARKED_KERNEL: &str =
-    "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off rdinit=/nonexistent root=/dev/vda rootwait";
+use osso_sdk::PARKED_KERNEL_CMDLINE as PARKED_KERNEL;
 
 #[derive(Parser)]
 #[command(about = "Boot Osso Linux and check its network")]

@@ -144,6 +144,19 @@ impl Config {
                 osso_vmm::machine::MAX_VCPUS
             )));
         }
+        if let Image::Custom { kernel, initrd } = &self.image {
+            for p in std::iter::once(kernel).chain(initrd) {
+                if !p.is_file() {
+                    return Err(Error::Config(format!("{}: no such file", p.display())));
+                }
+            }
+        }
+        self.validate_host_side()
+    }
+
+    /// The checks that apply to a restore too (which takes RAM, vCPUs and
+    /// kernel from the snapshot): network, readiness, timeouts.
+    pub(crate) fn validate_host_side(&self) -> Result<(), Error> {
         if self.boot_timeout.is_zero() {
             return Err(Error::Config("boot timeout is zero".into()));
         }
@@ -163,13 +176,6 @@ impl Config {
             return Err(Error::Config(
                 "ready when the guest answers ping needs the user network".into(),
             ));
-        }
-        if let Image::Custom { kernel, initrd } = &self.image {
-            for p in std::iter::once(kernel).chain(initrd) {
-                if !p.is_file() {
-                    return Err(Error::Config(format!("{}: no such file", p.display())));
-                }
-            }
         }
         Ok(())
     }

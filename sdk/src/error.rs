@@ -14,6 +14,11 @@ pub enum Error {
     /// The VMM refused the machine (KVM missing, bad kernel, layout...).
     #[error("VMM: {0}")]
     Vmm(#[from] osso_vmm::VmmError),
+    /// A snapshot could not be taken or restored (missing, corrupt,
+    /// truncated, from another format version or host, or the VM could not
+    /// be paused).
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] osso_vmm::snapshot::SnapshotError),
     /// The network device could not be set up.
     #[error("network: {0}")]
     Net(#[from] osso_vmm::virtio::attach::AttachError),

@@ -26,6 +26,7 @@ pub mod error;
 pub mod host;
 pub mod job;
 pub mod metrics;
+pub mod pool;
 pub mod vm;
 
 use std::time::{Duration, Instant};
@@ -35,8 +36,10 @@ pub use console::Console;
 pub use error::Error;
 pub use host::HostKvm;
 pub use job::JobOutput;
-pub use metrics::Metrics;
-pub use vm::{spawn, Exit, Vm};
+pub use metrics::{Metrics, RestoreFigures};
+pub use osso_vmm::net::user::PARKED_KERNEL_CMDLINE;
+pub use pool::Pool;
+pub use vm::{restore, spawn, Exit, Vm};
 
 /// A shell command to run in a fresh VM.
 #[derive(Debug, Clone)]

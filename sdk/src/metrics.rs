@@ -41,10 +41,34 @@ pub struct ImageSize {
     pub initramfs_uncompressed_bytes: Option<u64>,
 }
 
+/// How a VM was restored from a snapshot: each phase timed around its own
+/// step with the monotonic clock, in microseconds from [`crate::restore`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RestoreFigures {
+    /// The snapshot directory.
+    pub snapshot: std::path::PathBuf,
+    /// Read and check the state, map memory, create the VM, load irqchip,
+    /// devices and vCPUs (`total_us`: the whole restore call).
+    pub phases: osso_vmm::metrics::RestoreMetrics,
+    /// restore() to the first KVM_RUN.
+    pub first_run_us: Option<u64>,
+    /// restore() to ready (for a network VM: the first ping reply).
+    pub ready_us: Option<u64>,
+}
+
 /// One VM's figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Metrics {
     pub boot: BootPhases,
+    /// spawn() or restore() to ready, as [`crate::Config::ready`] defines it.
+    pub ready_us: Option<u64>,
+    /// Set for a VM made by [`crate::restore`].
+    pub restore: Option<RestoreFigures>,
+    /// This VM's guest RAM as proportional set size: pages shared with
+    /// other clones of the same snapshot count 1/N each (`/proc/self/smaps`).
+    pub guest_pss_bytes: u64,
+    /// Guest RAM pages only this VM holds (a clone's copy-on-write copies).
+    pub guest_private_bytes: u64,
     /// The VMM's own resident memory (process RSS without guest RAM), bytes.
     pub vmm_rss_bytes: u64,
     /// This VM's guest RAM resident on the host, bytes.
@@ -85,6 +109,15 @@ impl std::fmt::Display for Metrics {
             self.image.kernel_bytes as f64 / 1e6,
             self.image.initramfs_bytes as f64 / 1e6,
         )?;
+        if let Some(r) = &self.restore {
+            write!(
+                f,
+                " | restored in {} (ready {}), guest RAM private {}",
+                ms(Some(r.phases.total_us)),
+                ms(r.ready_us),
+                mib(self.guest_private_bytes)
+            )?;
+        }
         if let Some(e) = &self.exit {
             write!(f, " | exit {e}")?;
         }

@@ -1,16 +1,18 @@
-//! [`spawn`] and the [`Vm`] handle: one running microVM, its console, its
-//! network and its metrics. Dropping a `Vm` stops it and releases everything
-//! it holds (vCPU and device threads, file descriptors, guest memory).
+//! [`spawn`], [`restore`] and the [`Vm`] handle: one running microVM, its
+//! console, its network and its metrics, and its snapshots
+//! ([`Vm::snapshot`]). Dropping a `Vm` stops it and releases everything it
+//! holds (vCPU and device threads, file descriptors, guest memory).
 
-use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use osso_vmm::metrics::{memory_figures, Timeline};
+use osso_vmm::metrics::{guest_mapping_usage, memory_figures, Timeline};
 use osso_vmm::net::UserNetHandle;
+use osso_vmm::snapshot::{self, RestoreOptions};
 use osso_vmm::virtio::attach::{attach_net, AttachedNet};
-use osso_vmm::{BootSource, ExitReason, MachineBuilder, RunOutcome, StopHandle, VmConfig};
+use osso_vmm::{BootSource, ExitReason, Machine, MachineBuilder, RunOutcome, StopHandle, VmConfig};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Config, Image, KernelFormat, ReadyWhen};
@@ -56,6 +58,13 @@ pub struct Vm {
     console: Console,
     stop: StopHandle,
     timeline: Arc<Timeline>,
+    /// Shared with the waiter thread (which blocks in `Machine::wait`), so
+    /// that the VM can be paused and snapshotted while it runs.
+    machine: Arc<Machine>,
+    /// Microseconds from spawn()/restore() to ready.
+    ready_us: OnceLock<u64>,
+    /// For a VM made by [`restore`]: its snapshot and restore phases.
+    restored: Option<RestoredFrom>,
     mem: Option<GuestMemoryMmap>,
     net: Option<AttachedNet>,
     forwards: Vec<std::net::SocketAddr>,
@@ -74,6 +83,13 @@ impl std::fmt::Debug for Vm {
             .field("net", &self.net)
             .finish_non_exhaustive()
     }
+}
+
+/// Where a restored VM came from.
+#[derive(Debug, Clone)]
+struct RestoredFrom {
+    snapshot: PathBuf,
+    phases: osso_vmm::metrics::RestoreMetrics,
 }
 
 /// What to boot, resolved from a [`Config`].
@@ -153,61 +169,207 @@ pub(crate) fn spawn_files(
     vmc.seccomp = config.seccomp;
     let mut builder = MachineBuilder::new(vmc)?;
     let net = attach_net(&mut builder, &config.net_config())?;
-    let mut forwards = Vec::new();
-    if let (
-        Some(user),
-        crate::config::Network::User {
-            forwards: wanted, ..
-        },
-    ) = (net.as_ref().and_then(|n| n.user.as_ref()), &config.network)
+    let forwards = set_up_forwards(net.as_ref(), &config)?;
+    let mem = builder.guest_memory();
+    let machine = builder.start()?;
+    Vm::assemble(VmParts {
+        console,
+        machine,
+        mem,
+        net,
+        forwards,
+        image: files.image,
+        scratch,
+        restored: None,
+        ready: config.ready.clone(),
+        boot_timeout: config.boot_timeout,
+    })
+}
+
+/// What [`Vm::assemble`] puts together.
+struct VmParts {
+    console: Console,
+    machine: Machine,
+    mem: GuestMemoryMmap,
+    net: Option<AttachedNet>,
+    forwards: Vec<std::net::SocketAddr>,
+    image: ImageSize,
+    scratch: Option<tempfile::TempDir>,
+    restored: Option<RestoredFrom>,
+    ready: ReadyWhen,
+    boot_timeout: Duration,
+}
+
+/// Restores the snapshot in `dir` (written by [`Vm::snapshot`]) into a new
+/// VM and returns once it is ready. Guest RAM is the snapshot's memory file
+/// mapped copy-on-write, so clones of one snapshot share every page none of
+/// them wrote; each clone gets its own network backend (its own private user
+/// network: clones need no renaming).
+///
+/// From `config` only the host side is used: network backend, forwards and
+/// allowed ports, console, readiness, timeouts and seccomp. RAM size, vCPUs,
+/// kernel and command line come from the snapshot. Readiness: `GuestPing`
+/// pings the clone; `ConsoleLine` waits for a line printed after the
+/// restore; `BootTimer` and `Started` mean "the vCPUs run" (a restored
+/// guest has long passed its boot-timer write).
+///
+/// Errors: a missing, corrupt, truncated or incompatible snapshot
+/// ([`Error::Snapshot`], saying which), a snapshot with a network device
+/// restored with `Network::None`, or readiness not reached in time.
+pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
+    let started = Instant::now();
+    let dir = dir.as_ref();
+    config.validate_host_side()?;
+    let console = Console::new(config.console_limit, config.echo_console);
+    let opts = RestoreOptions {
+        console: Box::new(console.writer()),
+        console_input: None,
+        timeout: config.lifetime,
+        start: Some(started),
+        seccomp: config.seccomp,
+    };
+    let (machine, net) = snapshot::restore_with_net(dir, opts, Some(&config.net_config()))?;
+    if config.ready == ReadyWhen::GuestPing && net.as_ref().and_then(|n| n.user.as_ref()).is_none()
     {
-        for &(host, guest) in wanted {
+        machine.stop();
+        return Err(Error::Config(format!(
+            "ready when the guest answers ping, but the snapshot in {} has no network device",
+            dir.display()
+        )));
+    }
+    let forwards = match set_up_forwards(net.as_ref(), &config) {
+        Ok(f) => f,
+        Err(e) => {
+            machine.stop();
+            return Err(e);
+        }
+    };
+    let phases = machine.restore_metrics().unwrap_or_default();
+    let ready = match &config.ready {
+        ReadyWhen::BootTimer => ReadyWhen::Started,
+        r => r.clone(),
+    };
+    Vm::assemble(VmParts {
+        console,
+        mem: machine.guest_memory(),
+        machine,
+        net,
+        forwards,
+        image: ImageSize::default(),
+        scratch: None,
+        restored: Some(RestoredFrom {
+            snapshot: dir.to_path_buf(),
+            phases,
+        }),
+        ready,
+        boot_timeout: config.boot_timeout,
+    })
+}
+
+/// Binds the forwards of `config` on the VM's user network.
+fn set_up_forwards(
+    net: Option<&AttachedNet>,
+    config: &Config,
+) -> Result<Vec<std::net::SocketAddr>, Error> {
+    let mut out = Vec::new();
+    if let crate::config::Network::User { forwards, .. } = &config.network {
+        if forwards.is_empty() {
+            return Ok(out);
+        }
+        let user = net
+            .and_then(|n| n.user.as_ref())
+            .ok_or_else(|| Error::Config("forwards need the user network".into()))?;
+        for &(host, guest) in forwards {
             let addr = user.forward(host, guest).map_err(|source| Error::Io {
                 what: format!("forward 127.0.0.1:{host} to guest port {guest}"),
                 source,
             })?;
-            forwards.push(addr);
+            out.push(addr);
         }
     }
-    let timeline = builder.timeline();
-    let stop = builder.stop_handle();
-    let mem = builder.guest_memory();
-    let machine = builder.start()?;
-    let outcome = Arc::new(Outcome::default());
-    let waiter = {
-        let outcome = outcome.clone();
-        let console = console.clone();
-        std::thread::Builder::new()
-            .name("osso-vm-wait".into())
-            .spawn(move || {
-                let result = machine.wait();
-                console.close();
-                *outcome.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-                outcome.done.notify_all();
-            })
-            .map_err(|source| Error::Io {
-                what: "spawn the VM's waiter thread".into(),
-                source,
-            })?
-    };
-    let vm = Vm {
-        console,
-        stop,
-        timeline,
-        mem: Some(mem),
-        net,
-        forwards,
-        outcome,
-        waiter: Some(waiter),
-        image: files.image,
-        host_kvm: HostKvm::detect(),
-        _scratch: scratch,
-    };
-    vm.wait_ready(&config.ready, config.boot_timeout)?;
-    Ok(vm)
+    Ok(out)
 }
 
 impl Vm {
+    /// Starts the waiter thread and waits until the VM is ready.
+    fn assemble(p: VmParts) -> Result<Vm, Error> {
+        let machine = Arc::new(p.machine);
+        let outcome = Arc::new(Outcome::default());
+        let waiter = {
+            let outcome = outcome.clone();
+            let console = p.console.clone();
+            let waited = machine.clone();
+            std::thread::Builder::new()
+                .name("osso-vm-wait".into())
+                .spawn(move || {
+                    let result = waited.wait();
+                    console.close();
+                    *outcome.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+                    outcome.done.notify_all();
+                })
+                .map_err(|source| {
+                    machine.stop();
+                    Error::Io {
+                        what: "spawn the VM's waiter thread".into(),
+                        source,
+                    }
+                })?
+        };
+        let vm = Vm {
+            console: p.console,
+            stop: machine.stop_handle(),
+            timeline: machine.timeline(),
+            machine,
+            ready_us: OnceLock::new(),
+            restored: p.restored,
+            mem: Some(p.mem),
+            net: p.net,
+            forwards: p.forwards,
+            outcome,
+            waiter: Some(waiter),
+            image: p.image,
+            host_kvm: HostKvm::detect(),
+            _scratch: p.scratch,
+        };
+        vm.wait_ready(&p.ready, p.boot_timeout)?;
+        let _ = vm.ready_us.set(vm.timeline.now_us());
+        Ok(vm)
+    }
+
+    /// Pauses the VM, writes a snapshot of it into `dir` (created if
+    /// missing; files already there are replaced), and lets it run on.
+    /// Saved: guest RAM (one sparse file), every vCPU's state, the
+    /// in-kernel irqchip, PIT and clock, the UART, and the virtio-net
+    /// transport and queues (the network backend itself is not saved: each
+    /// restore gets a fresh one). The format is versioned and checked on
+    /// restore. Fails if the VM has ended or its vCPUs do not pause within
+    /// 5 s (the VM then runs on).
+    pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<(), Error> {
+        let dir = dir.as_ref();
+        let r = snapshot::snapshot_with_net(&self.machine, dir, self.net.as_ref());
+        // Resume even after a failed write (a failed pause has resumed).
+        self.machine.resume();
+        r.map_err(Error::from)
+    }
+
+    /// Pauses every vCPU (devices keep running; a paused guest posts no new
+    /// work). [`Vm::resume`] goes on.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.machine
+            .pause(Duration::from_secs(5))
+            .map_err(|e| Error::Snapshot(snapshot::SnapshotError::Pause(e)))
+    }
+
+    /// Ends a [`Vm::pause`].
+    pub fn resume(&self) {
+        self.machine.resume();
+    }
+
+    /// Whether this VM was made by [`restore`].
+    pub fn is_restored(&self) -> bool {
+        self.restored.is_some()
+    }
+
     /// Waits until `ready` holds; stops the VM and fails on timeout or early end.
     fn wait_ready(&self, ready: &ReadyWhen, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
@@ -330,12 +492,29 @@ impl Vm {
             .result
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let usage = self
+            .mem
+            .as_ref()
+            .map(guest_mapping_usage)
+            .unwrap_or_default();
         Metrics {
             boot: Metrics::phases(
                 self.timeline.first_kvm_run_us(),
                 self.timeline.init_started_us(),
                 self.timeline.boot_timer_us(),
             ),
+            ready_us: self.ready_us.get().copied(),
+            restore: self
+                .restored
+                .as_ref()
+                .map(|r| crate::metrics::RestoreFigures {
+                    snapshot: r.snapshot.clone(),
+                    phases: r.phases,
+                    first_run_us: self.timeline.first_kvm_run_us(),
+                    ready_us: self.ready_us.get().copied(),
+                }),
+            guest_pss_bytes: usage.pss_bytes,
+            guest_private_bytes: usage.private_bytes,
             vmm_rss_bytes,
             guest_resident_bytes,
             guest_mem_bytes,
@@ -420,5 +599,6 @@ impl Drop for Vm {
                 .shutdown();
         }
         self.mem = None;
+        // The machine (joined by the waiter) goes with the last reference.
     }
 }

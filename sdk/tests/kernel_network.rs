@@ -1,7 +1,7 @@
 //! The real Osso kernel under this machine's KVM, with virtio-net, both ways,
 //! and no guest user space needed: the kernel configures eth0 itself (`ip=`),
 //! finds no init (`rdinit=/nonexistent`) and waits for a root device that
-//! never comes (`root=/dev/vda rootwait`), answering ARP, ICMP and TCP.
+//! never comes (`rootdelay=`, see `PARKED_KERNEL_CMDLINE`), answering ARP, ICMP and TCP.
 //!
 //! - user network: the host pings the guest 20 times through the VMM's
 //!   user-mode stack and opens a TCP connection to a guest port with no
@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use osso_sdk::{Config, ReadyWhen};
 
-const PARKED: &str =
-    "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off rdinit=/nonexistent root=/dev/vda rootwait";
+use osso_sdk::PARKED_KERNEL_CMDLINE as PARKED;
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 
 fn require(test: &str, ok: bool, reason: &str) -> bool {

@@ -781,7 +781,8 @@ impl MachineBuilder {
             serial: self.serial,
             shared: self.shared,
             timeline: self.timeline,
-            handles,
+            handles: Mutex::new(handles),
+            vcpu_count: usize::from(self.config.vcpus),
             deadline,
             protocol,
             _kvm: self.kvm,
@@ -1055,7 +1056,9 @@ pub struct Machine {
     serial: Arc<Serial>,
     shared: Arc<Shared>,
     timeline: Arc<Timeline>,
-    handles: Vec<JoinHandle<()>>,
+    /// The vCPU threads, until [`Machine::wait`] joins them.
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    vcpu_count: usize,
     deadline: Option<Instant>,
     protocol: &'static str,
     _kvm: Kvm,
@@ -1123,7 +1126,7 @@ impl Machine {
         timeout: Duration,
         msr_list: &[u32],
     ) -> Result<Vec<crate::snapshot::VcpuState>, String> {
-        let n = self.handles.len();
+        let n = self.vcpu_count;
         {
             let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
             p.msr_list = msr_list.to_vec();
@@ -1208,8 +1211,10 @@ impl Machine {
     }
 
     /// Waits for the VM to end (by itself, a stop, or the timeout), joins the
-    /// vCPU threads and returns the reason and the metrics.
-    pub fn wait(mut self) -> RunOutcome {
+    /// vCPU threads and returns the reason and the metrics. Takes `&self` so
+    /// that a waiter thread and a caller taking snapshots can share the
+    /// machine (`Arc<Machine>`); a second call returns at once.
+    pub fn wait(&self) -> RunOutcome {
         {
             let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
             while exit.is_none() {
@@ -1242,7 +1247,8 @@ impl Machine {
         // Make sure every vCPU is on its way out, then join them.
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.kick_all();
-        join_all(&self.shared, std::mem::take(&mut self.handles));
+        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
+        join_all(&self.shared, handles);
         let exit = self.shared.reason().unwrap_or(ExitReason::Stopped);
         let mem = memory_figures(&self.mem);
         let t = &self.timeline;
@@ -1273,9 +1279,10 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if !self.handles.is_empty() {
+        let handles = std::mem::take(self.handles.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if !handles.is_empty() {
             self.shared.request_exit(ExitReason::Stopped);
-            join_all(&self.shared, std::mem::take(&mut self.handles));
+            join_all(&self.shared, handles);
         }
     }
 }
@@ -1299,7 +1306,7 @@ impl std::fmt::Debug for MachineBuilder {
 impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Machine")
-            .field("vcpus", &self.handles.len())
+            .field("vcpus", &self.vcpu_count)
             .field("protocol", &self.protocol)
             .field("exit", &self.shared.reason())
             .finish_non_exhaustive()

@@ -210,6 +210,78 @@ pub fn guest_resident_bytes(mem: &GuestMemoryMmap) -> u64 {
     total
 }
 
+/// The process's proportional set size in bytes (`Pss` in
+/// `/proc/self/smaps_rollup`): resident memory with each page shared by N
+/// mappings counted 1/N. For clones of one snapshot (which share its page
+/// cache pages) this is what they cost together; RSS would count a shared
+/// page once per clone.
+pub fn process_pss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Pss:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+/// How one guest RAM mapping uses host memory, from `/proc/self/smaps`.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct MappingUsage {
+    /// Pages of the mapping resident in this process (shared ones included).
+    pub rss_bytes: u64,
+    /// The same with each shared page divided among its mappings.
+    pub pss_bytes: u64,
+    /// Pages only this mapping holds (a restored clone's copy-on-write
+    /// copies, or all touched pages of a cold VM's anonymous RAM).
+    pub private_bytes: u64,
+}
+
+/// [`MappingUsage`] of each guest RAM region of `mem`, summed. Zero if
+/// `/proc/self/smaps` cannot be read.
+pub fn guest_mapping_usage(mem: &GuestMemoryMmap) -> MappingUsage {
+    let starts: Vec<u64> = mem
+        .iter()
+        .filter_map(|r| mem.get_host_address(r.start_addr()).ok())
+        .map(|p| p as u64)
+        .collect();
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return MappingUsage::default();
+    };
+    parse_smaps(&smaps, &starts)
+}
+
+/// Sums the usage of the mappings of `smaps` that start at one of `starts`.
+fn parse_smaps(smaps: &str, starts: &[u64]) -> MappingUsage {
+    let mut total = MappingUsage::default();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let mut it = line.split_whitespace();
+        let first = it.next().unwrap_or("");
+        if !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            if let Some((start, _)) = first.split_once('-') {
+                inside = u64::from_str_radix(start, 16)
+                    .map(|a| starts.contains(&a))
+                    .unwrap_or(false);
+            }
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let kib: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        match first {
+            "Rss:" => total.rss_bytes += kib * 1024,
+            "Pss:" => total.pss_bytes += kib * 1024,
+            "Private_Clean:" | "Private_Dirty:" => total.private_bytes += kib * 1024,
+            _ => {}
+        }
+    }
+    total
+}
+
 /// Measures the memory figures now.
 pub fn memory_figures(mem: &GuestMemoryMmap) -> MemoryFigures {
     let guest_resident_bytes = guest_resident_bytes(mem);
@@ -258,5 +330,40 @@ mod tests {
             f.process_rss_bytes - f.guest_resident_bytes
         );
         assert!(f.vmm_anon_rss_bytes > 0 && f.vmm_anon_rss_bytes < f.vmm_rss_bytes);
+    }
+
+    #[test]
+    fn smaps_of_the_guest_mappings_only() {
+        let smaps = "\
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+Size:             131072 kB
+Rss:                2048 kB
+Pss:                1024 kB
+Private_Clean:         4 kB
+Private_Dirty:       512 kB
+7f0010000000-7f0010001000 r--p 00000000 08:01 42   /usr/lib/x.so
+Rss:                   4 kB
+Pss:                   4 kB
+Private_Dirty:         4 kB
+";
+        let u = parse_smaps(smaps, &[0x7f00_0000_0000]);
+        assert_eq!(
+            u,
+            MappingUsage {
+                rss_bytes: 2048 << 10,
+                pss_bytes: 1024 << 10,
+                private_bytes: 516 << 10,
+            }
+        );
+        assert_eq!(parse_smaps(smaps, &[0x1000]), MappingUsage::default());
+        // Live: a fresh guest mapping with ten touched pages holds them privately.
+        let mem = crate::layout::create_guest_memory(16).unwrap();
+        for i in 0..10u64 {
+            mem.write_obj(1u8, GuestAddress(i * 4096)).unwrap();
+        }
+        let live = guest_mapping_usage(&mem);
+        assert!(live.rss_bytes >= 10 * 4096, "{live:?}");
+        assert!(live.private_bytes >= 10 * 4096, "{live:?}");
+        assert!(process_pss_bytes() >= live.pss_bytes);
     }
 }

@@ -17,8 +17,7 @@ use osso_vmm::snapshot::{self, RestoreOptions};
 use osso_vmm::virtio::attach::attach_net;
 use osso_vmm::{MachineBuilder, VmConfig};
 
-const PARKED: &str =
-    "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off rdinit=/nonexistent root=/dev/vda rootwait";
+use osso_vmm::net::user::PARKED_KERNEL_CMDLINE as PARKED;
 
 /// Pings until a reply or `limit`; returns the time to the first reply.
 fn first_ping(user: &osso_vmm::net::UserNetHandle, limit: Duration) -> Option<Duration> {

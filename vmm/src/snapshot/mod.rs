@@ -631,6 +631,11 @@ fn restore_net(
             path: PathBuf::from(format::STATE_FILE),
             reason: format!("virtio-net state: {e}"),
         })?;
+    // The restored guest will not announce its MAC again: tell the fresh
+    // user network, so the first packet to it needs no ARP round trip.
+    if let Some(user) = &attached.user {
+        user.learn_guest_mac(ns.mac);
+    }
     Ok(attached)
 }
 
@@ -678,6 +683,18 @@ pub fn snapshot_with_net(
     if !vm.unsupported.is_empty() {
         tracing::info!(missing = ?vm.unsupported, "VM state this KVM does not give");
     }
+    // Quiesce the device thread: it must not move frames (write guest
+    // memory, advance the queues) while the transport and RAM are saved.
+    let gate = net.map(|n| {
+        n.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device()
+            .quiesce_gate()
+    });
+    let _quiet = gate
+        .as_ref()
+        .map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
     let net_state = net.map(|n| {
         let t = n.transport.lock().unwrap_or_else(|p| p.into_inner());
         VirtioNetState {

@@ -40,7 +40,7 @@ use std::io;
 use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -180,6 +180,9 @@ pub struct NetDevice {
     worker: Option<RunningWorker>,
     warned_config_write: bool,
     seccomp: bool,
+    /// Held by the device thread while it handles an event; a snapshot
+    /// holds it to keep the thread off guest memory and the queues.
+    gate: Arc<Mutex<()>>,
 }
 
 struct RunningWorker {
@@ -207,7 +210,15 @@ impl NetDevice {
             worker: None,
             warned_config_write: false,
             seccomp: true,
+            gate: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// The device thread's gate: while a caller holds it, the thread handles
+    /// no event (it touches neither guest memory nor the queues nor the
+    /// backend) and events wait. Used to quiesce the device for a snapshot.
+    pub fn quiesce_gate(&self) -> Arc<Mutex<()>> {
+        self.gate.clone()
     }
 
     /// Whether the device thread confines itself with the virtio device
@@ -310,6 +321,8 @@ impl VirtioDevice for NetDevice {
             backend,
             self.metrics.clone(),
         );
+        let mut worker = worker;
+        worker.gate = self.gate.clone();
         let seccomp = self.seccomp;
         let thread = std::thread::Builder::new()
             .name("osso-virtio-net".into())
@@ -362,6 +375,8 @@ pub struct NetWorker {
     tx_buf: Vec<u8>,
     segs: Vec<Segment>,
     stopped: bool,
+    /// See [`NetDevice::quiesce_gate`].
+    gate: Arc<Mutex<()>>,
 }
 
 /// Which queue a helper works on.
@@ -407,6 +422,7 @@ impl NetWorker {
             tx_buf: vec![0u8; MAX_BUFFER_LEN],
             segs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             stopped: false,
+            gate: Arc::new(Mutex::new(())),
         }
     }
 
@@ -423,6 +439,8 @@ impl NetWorker {
         let id = em.add_subscriber(self);
         // Catch up on anything queued before the thread started.
         if let Ok(w) = em.subscriber_mut(id) {
+            let gate = w.gate.clone();
+            let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
             w.process_tx();
             w.process_rx();
         }
@@ -727,6 +745,8 @@ impl MutEventSubscriber for NetWorker {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
+        let gate = self.gate.clone();
+        let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
         if fd == self.stop_evt.as_raw_fd() {
             let _ = self.stop_evt.read();
             self.stopped = true;

@@ -3,9 +3,7 @@
 //! backend; the only host sockets involved are on 127.0.0.1.
 
 use super::*;
-use smoltcp::wire::{
-    ArpOperation, EthernetRepr, IpAddress, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber,
-};
+use smoltcp::wire::{IpAddress, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// TEST-NET-2 (RFC 5737), a documentation address. Frames for it never leave
@@ -645,4 +643,28 @@ fn host_pings_guest() {
     // No answer: TimedOut.
     let err = g.h.ping_guest(4, Duration::from_millis(200)).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+}
+
+#[test]
+fn a_learned_guest_mac_skips_the_arp_round_trip() {
+    let mut g = Guest::start(UserNetConfig::default());
+    g.h.learn_guest_mac(GUEST_MAC);
+    let h = g.h.clone();
+    let t = std::thread::spawn(move || h.ping_guest(7, Duration::from_secs(5)));
+    // The very first frame is the echo request, addressed to the learned MAC
+    // (`parse` checks the destination): no ARP request went first.
+    let f = g.recv(3000).expect("a frame for the guest");
+    let Seen::Icmp {
+        src,
+        dst,
+        repr: (false, ident, 7, data),
+    } = parse(&f)
+    else {
+        panic!("expected an echo request first, got {:?}", parse(&f));
+    };
+    assert_eq!((src, dst), (GATEWAY_IP, GUEST_IP));
+    g.send(icmp_echo(GATEWAY_IP, true, ident, 7, &data));
+    t.join().unwrap().expect("a round trip");
+    // The learning frame was the stack's own: nothing counted as from the guest.
+    assert_eq!(g.h.stats().frames_from_guest, 1);
 }
