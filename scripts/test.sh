@@ -5,8 +5,10 @@
 #   3. every test in the workspace, with the end-to-end layers required: a
 #      layer that cannot run on this machine says SKIPPED with its reason
 #      (hardware-KVM-only checks), and a missing prerequisite fails.
-#   4. the slow layer-3 boots of the real kernel under this machine's KVM, and
-#      the ping example (what a newcomer runs first).
+#   4. the slow layer-3 boots of the real kernel under this machine's KVM
+#      (boot to /init; snapshot and two clones), the ping example (what a
+#      newcomer runs first) and the restore example (boot once, snapshot,
+#      10 clones that must all answer on their own networks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -30,9 +32,14 @@ echo "== tests"
 cargo test --workspace --release -- --nocapture 2>&1 | tee -a "$log"
 echo "== real kernel boot to /init (osso-vmm, layer 3)"
 cargo test --release -p osso-vmm --test real_kernel -- --ignored --nocapture 2>&1 | tee -a "$log"
+echo "== real kernel snapshot, restored twice (osso-vmm, layer 3)"
+cargo test --release -p osso-vmm --test snapshot_real_kernel -- --ignored --nocapture 2>&1 | tee -a "$log"
 echo "== the ping example"
 cargo run -q --release --example ping -- --json 2>&1 | tee target/ping-example.txt | grep -v '^\[' | tail -5
 tail -1 target/ping-example.txt | python3 -c 'import json,sys; m=json.load(sys.stdin); assert m["online"] is True, m; print("ping example: online")'
+echo "== the restore example"
+cargo run -q --release --example restore -- --json 2>&1 | tee target/restore-example.txt | grep -v '^\[' | tail -4
+tail -1 target/restore-example.txt | python3 -c 'import json,sys; m=json.load(sys.stdin); assert m["all_online"] is True, m; print("restore example: %d clones online, restore median %.1f ms" % (m["clones"], m["restore_ms_median"]))'
 echo "== done in ${SECONDS} s"
 echo "== skipped (with reasons)"
 grep -h "SKIPPED\|NOT CHECKED" "$log" | sort | uniq -c || echo "none"

@@ -17,17 +17,56 @@ fn skip_or_fail(reason: &str) {
     eprintln!("SKIPPED qemu_tcg_boot: {reason}");
 }
 
-#[test]
-fn image_boots_under_qemu_tcg_and_goes_online() {
+/// The built image, or None (after skip_or_fail) when it or QEMU is missing.
+fn image_and_qemu() -> Option<osso_guest::Image> {
     let image = match osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)) {
         Ok(i) => i,
-        Err(e) => return skip_or_fail(&e.to_string()),
+        Err(e) => {
+            skip_or_fail(&e.to_string());
+            return None;
+        }
     };
     if !osso_guest::tools::on_path("qemu-system-x86_64") {
-        return skip_or_fail(
-            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
-        );
+        skip_or_fail("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return None;
     }
+    Some(image)
+}
+
+#[test]
+fn with_osso_stay_init_stays_up_after_ready() {
+    let Some(image) = image_and_qemu() else {
+        return;
+    };
+    // Ready takes about 2 s under TCG here; then init must not end the VM.
+    let limit = Duration::from_secs(20);
+    let run = osso_guest::qemu::boot_tcg(
+        image.bzimage(),
+        image.initramfs(),
+        "console=ttyS0 reboot=t panic=-1 osso.stay",
+        limit,
+        false,
+    )
+    .expect("start qemu-system-x86_64");
+    let text = run.text();
+    assert!(text.contains("SUCCESS: ONLINE"), "not online:\n{text}");
+    assert!(
+        text.contains("osso: ready, staying up (osso.stay)"),
+        "init did not stay:\n{text}"
+    );
+    assert!(!text.contains("rebooting"), "init rebooted:\n{text}");
+    assert!(
+        run.status.is_none(),
+        "the guest ended ({:?}) instead of staying up:\n{text}",
+        run.status
+    );
+}
+
+#[test]
+fn image_boots_under_qemu_tcg_and_goes_online() {
+    let Some(image) = image_and_qemu() else {
+        return;
+    };
     let limit = Duration::from_secs(60);
     let run = osso_guest::qemu::boot_tcg(
         image.bzimage(),

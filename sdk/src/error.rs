@@ -19,6 +19,9 @@ pub enum Error {
     /// be paused).
     #[error("snapshot: {0}")]
     Snapshot(#[from] osso_vmm::snapshot::SnapshotError),
+    /// A warm pool cannot restore clones (the last restore's error).
+    #[error("warm pool: {0}")]
+    Pool(String),
     /// The network device could not be set up.
     #[error("network: {0}")]
     Net(#[from] osso_vmm::virtio::attach::AttachError),

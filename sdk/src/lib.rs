@@ -11,6 +11,17 @@
 //! // One VM per request: run a shell command in a fresh VM, get its output.
 //! let out = osso_sdk::run(osso_sdk::Job::new("uname -a"))?;
 //! println!("{} (exit {})", out.output.stdout_text(), out.output.status);
+//!
+//! // Boot once, snapshot, and hand out clones in milliseconds: each clone
+//! // maps the snapshot's RAM copy-on-write and has its own private network.
+//! let template = osso_sdk::spawn(osso_sdk::Config::builder().cmdline("osso.stay").build())?;
+//! template.snapshot("/tmp/osso-snap")?;
+//! let clone = osso_sdk::restore("/tmp/osso-snap", osso_sdk::Config::builder()
+//!     .ready_when(osso_sdk::ReadyWhen::GuestPing).build())?;
+//! println!("{}", clone.metrics());            // "restored in ... (ready ...)"
+//! // Or keep a few clones ready and take one per request:
+//! let pool = osso_sdk::Pool::from_snapshot("/tmp/osso-snap", osso_sdk::Config::default(), 4)?;
+//! let vm = pool.take()?;
 //! # Ok::<(), osso_sdk::Error>(())
 //! ```
 //!

@@ -41,8 +41,10 @@ pub struct ImageSize {
     pub initramfs_uncompressed_bytes: Option<u64>,
 }
 
-/// How a VM was restored from a snapshot: each phase timed around its own
-/// step with the monotonic clock, in microseconds from [`crate::restore`].
+/// How a VM was restored from a snapshot. `phases` are durations, each
+/// timed around its own step with the monotonic clock (the VMM's part of
+/// the restore, up to the vCPUs being ready to start); `first_run_us` and
+/// `ready_us` count from the call to [`crate::restore`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RestoreFigures {
     /// The snapshot directory.

@@ -128,6 +128,14 @@ impl Pool {
     }
 
     fn start(snapshot: PathBuf, config: Config, size: usize) -> Result<Pool, Error> {
+        if let crate::config::Network::User { forwards, .. } = &config.network {
+            if let Some((host, _)) = forwards.iter().find(|(h, _)| *h != 0) {
+                return Err(Error::Config(format!(
+                    "a pool's clones cannot all bind host port {host}: forward from host port 0 \
+                     (any free port; see Vm::forwards)"
+                )));
+            }
+        }
         let inner = Arc::new(Inner {
             snapshot,
             config,
@@ -186,9 +194,7 @@ impl Pool {
                 return Ok(st.ready.len());
             }
             if let Some(e) = &st.last_error {
-                return Err(Error::Config(format!(
-                    "the pool cannot restore clones: {e}"
-                )));
+                return Err(Error::Pool(format!("cannot restore clones: {e}")));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -221,8 +227,14 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        self.inner.changed.notify_all();
+        {
+            // Under the lock, so the refill thread cannot miss the wake-up
+            // between checking `stop` and waiting.
+            let _st = self.inner.lock();
+            self.inner.stop.store(true, Ordering::SeqCst);
+            self.inner.changed.notify_all();
+        }
+        // Waits for a restore in progress (at most the config's boot timeout).
         if let Some(t) = self.refill.take() {
             let _ = t.join();
         }

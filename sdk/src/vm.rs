@@ -65,6 +65,8 @@ pub struct Vm {
     ready_us: OnceLock<u64>,
     /// For a VM made by [`restore`]: its snapshot and restore phases.
     restored: Option<RestoredFrom>,
+    /// Serialises pause, resume and snapshot.
+    control: Mutex<()>,
     mem: Option<GuestMemoryMmap>,
     net: Option<AttachedNet>,
     forwards: Vec<std::net::SocketAddr>,
@@ -322,6 +324,7 @@ impl Vm {
             machine,
             ready_us: OnceLock::new(),
             restored: p.restored,
+            control: Mutex::new(()),
             mem: Some(p.mem),
             net: p.net,
             forwards: p.forwards,
@@ -337,7 +340,9 @@ impl Vm {
     }
 
     /// Pauses the VM, writes a snapshot of it into `dir` (created if
-    /// missing; files already there are replaced), and lets it run on.
+    /// missing; files already there are replaced by rename, so clones
+    /// restored from them keep their pages), and lets it run on (a VM the
+    /// caller paused with [`Vm::pause`] stays paused).
     /// Saved: guest RAM (one sparse file), every vCPU's state, the
     /// in-kernel irqchip, PIT and clock, the UART, and the virtio-net
     /// transport and queues (the network backend itself is not saved: each
@@ -346,15 +351,20 @@ impl Vm {
     /// 5 s (the VM then runs on).
     pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<(), Error> {
         let dir = dir.as_ref();
+        let _one = self.lock_control();
+        // A VM the caller paused stays paused; one paused here resumes.
+        let was_paused = self.machine.is_paused();
         let r = snapshot::snapshot_with_net(&self.machine, dir, self.net.as_ref());
-        // Resume even after a failed write (a failed pause has resumed).
-        self.machine.resume();
+        if !was_paused {
+            self.machine.resume();
+        }
         r.map_err(Error::from)
     }
 
     /// Pauses every vCPU (devices keep running; a paused guest posts no new
     /// work). [`Vm::resume`] goes on.
     pub fn pause(&self) -> Result<(), Error> {
+        let _one = self.lock_control();
         self.machine
             .pause(Duration::from_secs(5))
             .map_err(|e| Error::Snapshot(snapshot::SnapshotError::Pause(e)))
@@ -362,7 +372,19 @@ impl Vm {
 
     /// Ends a [`Vm::pause`].
     pub fn resume(&self) {
+        let _one = self.lock_control();
         self.machine.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.machine.is_paused()
+    }
+
+    /// Pause, resume and snapshot one at a time: a snapshot's resume must
+    /// not land in the middle of another snapshot's writing.
+    fn lock_control(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether this VM was made by [`restore`].
@@ -487,16 +509,22 @@ impl Vm {
             }
             None => (0, 0, 0),
         };
+        // A clone's RAM is a private file mapping shared with its siblings:
+        // /proc/self/smaps says what it holds alone. A cold VM's RAM is
+        // anonymous and all its own (and smaps may merge it with a
+        // neighbour's mapping), so resident = private = proportional there.
+        let (guest_pss_bytes, guest_private_bytes) = match (&self.mem, &self.restored) {
+            (Some(mem), Some(_)) => {
+                let u = guest_mapping_usage(mem);
+                (u.pss_bytes, u.private_bytes)
+            }
+            _ => (guest_resident_bytes, guest_resident_bytes),
+        };
         let r = self
             .outcome
             .result
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let usage = self
-            .mem
-            .as_ref()
-            .map(guest_mapping_usage)
-            .unwrap_or_default();
         Metrics {
             boot: Metrics::phases(
                 self.timeline.first_kvm_run_us(),
@@ -513,8 +541,8 @@ impl Vm {
                     first_run_us: self.timeline.first_kvm_run_us(),
                     ready_us: self.ready_us.get().copied(),
                 }),
-            guest_pss_bytes: usage.pss_bytes,
-            guest_private_bytes: usage.private_bytes,
+            guest_pss_bytes,
+            guest_private_bytes,
             vmm_rss_bytes,
             guest_resident_bytes,
             guest_mem_bytes,

@@ -78,6 +78,28 @@ fn a_snapshot_restores_into_clones_that_run_and_report_restore_metrics() {
             "the clone idles on (halted guest), it does not end"
         );
     }
+    // A clone snapshotted into the very directory it came from (the files
+    // are replaced by rename): it and its sibling keep running on their
+    // pages, and the new snapshot restores.
+    a.snapshot(&snap)
+        .expect("snapshot a clone over its own snapshot");
+    let c = osso_sdk::restore(&snap, idle_guest(dir.path()).no_network().build())
+        .expect("restore the new snapshot");
+    for v in [&a, &b, &c] {
+        assert!(
+            !v.has_ended(),
+            "a clone died when its snapshot was replaced"
+        );
+    }
+    // A VM the caller paused stays paused through a snapshot.
+    c.pause().expect("pause");
+    c.snapshot(dir.path().join("snap2"))
+        .expect("snapshot a paused VM");
+    assert!(c.is_paused());
+    c.resume();
+    assert!(!c.is_paused());
+    assert_eq!(c.kill().reason, ExitReason::Stopped);
+
     // A clone does not re-run the boot: its console starts empty.
     assert!(
         !a.console().contains("tiny guest up"),

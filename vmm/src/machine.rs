@@ -1120,7 +1120,8 @@ impl Machine {
     /// Pauses every vCPU (each parks out of `KVM_RUN` and saves its state)
     /// and returns their states, in index order. The VM stays paused until
     /// [`Machine::resume`]. Fails if the VM ended or a vCPU did not park
-    /// within `timeout` (the pause is then undone).
+    /// within `timeout`, or a vCPU's state could not be read (the pause is
+    /// then undone).
     pub(crate) fn pause_and_save(
         &self,
         timeout: Duration,
@@ -1153,12 +1154,22 @@ impl Machine {
                 .0;
         }
         let mut out = Vec::with_capacity(n);
+        let mut failed = None;
         for i in 0..n {
             match p.saved.get(i).cloned().flatten() {
                 Some(Ok(s)) => out.push(s),
-                Some(Err(e)) => return Err(format!("saving vCPU {i}: {e}")),
-                None => return Err(format!("vCPU {i} saved nothing")),
+                Some(Err(e)) => failed = Some(format!("saving vCPU {i}: {e}")),
+                None => failed = Some(format!("vCPU {i} saved nothing")),
             }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // Not left paused behind an error.
+            drop(p);
+            self.resume();
+            return Err(e);
         }
         Ok(out)
     }

@@ -402,8 +402,24 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), KvmError> {
 }
 
 /// Writes guest RAM to `path`: non-zero pages written, zero pages left as
-/// holes (the file is sparse). Returns the bytes of RAM.
+/// holes (the file is sparse). Returns the bytes of RAM. The file is written
+/// under a temporary name and renamed over `path`: clones restored from an
+/// earlier snapshot in the same place map the old file copy-on-write, and
+/// truncating it in place would pull pages from under them (SIGBUS), or from
+/// under this very VM if it is such a clone.
 pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let total = write_memory_to(mem, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(total)
+}
+
+fn write_memory_to(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotError> {
     const PAGE: usize = 4096;
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
@@ -685,6 +701,10 @@ pub fn snapshot_with_net(
     }
     // Quiesce the device thread: it must not move frames (write guest
     // memory, advance the queues) while the transport and RAM are saved.
+    // Lock order: vCPUs parked first, then the gate, then the transport. Not
+    // the gate first: a vCPU in an MMIO exit (say, a device reset) holds the
+    // transport lock and waits for the device thread, which would wait for
+    // the gate.
     let gate = net.map(|n| {
         n.transport
             .lock()

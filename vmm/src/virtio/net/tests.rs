@@ -481,6 +481,25 @@ fn device_thread_end_to_end_through_transport() {
     assert!(irq.evt().read().is_ok());
     assert_eq!(metrics.rx_frames.load(Ordering::Relaxed), 1);
 
+    // Quiesced (as for a snapshot): while the gate is held, a frame from the
+    // backend waits and guest memory is not touched; released, it lands.
+    let gate = t.lock().unwrap().device().quiesce_gate();
+    {
+        let _held = gate.lock().unwrap();
+        rx.add_chain(&[(0x210000, 1526)], true);
+        t.lock().unwrap().queue_evts()[0].write(1).unwrap();
+        backend.push(frame(60, 9));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rx.used_idx(), 1, "the device moved a frame while quiesced");
+        assert_eq!(metrics.rx_frames.load(Ordering::Relaxed), 1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rx.used_idx() == 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(rx.used_idx(), 2, "the waiting frame lands once released");
+    let _ = irq.evt().read();
+
     // Reset stops the thread and gives the backend back; it restarts.
     t.lock().unwrap().write(0x70, &0u32.to_le_bytes());
     assert!(!t.lock().unwrap().device().is_running());
