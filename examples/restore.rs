@@ -76,6 +76,11 @@ struct Report {
     /// Restores per second, one thread, each clone dropped once its vCPU
     /// runs (restore + teardown; no ping).
     restores_per_s: Option<f64>,
+    /// The same with `Config::background_teardown`.
+    restores_per_s_background_teardown: Option<f64>,
+    /// In that loop: restore() to running (median, ms) and drop (median, ms).
+    restore_to_running_ms_median: Option<f64>,
+    teardown_ms_median: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -211,23 +216,37 @@ fn run(args: &Args) -> Result<Report, osso_sdk::Error> {
 
     drop(clones);
 
-    // Restore rate: restore to running, then drop, one after the other.
-    let restores_per_s = if args.rate_restores > 0 {
-        let started = Config::builder().ready_when(ReadyWhen::Started).build();
-        let t = Instant::now();
-        for _ in 0..args.rate_restores {
-            drop(osso_sdk::restore(dir.path(), started.clone())?);
-        }
-        let rate = args.rate_restores as f64 / t.elapsed().as_secs_f64();
+    // Restore rate: restore to running, then drop, one after the other;
+    // with the VM's teardown on the request path, then left to the reaper.
+    let (mut restores_per_s, mut restores_per_s_background_teardown) = (None, None);
+    let (mut restore_to_running_ms_median, mut teardown_ms_median) = (None, None);
+    if args.rate_restores > 0 {
+        let started = Config::builder().ready_when(ReadyWhen::Started);
+        let sync = restore_rate(dir.path(), started.clone().build(), args.rate_restores)?;
         println!(
-            "restore rate: {} restores (to running) and teardowns in {:.0} ms: {rate:.0} per second, one thread",
-            args.rate_restores,
-            ms(t.elapsed())
+            "restore rate: {:.0} per second, one thread, each restored to running then dropped \
+             (restore median {:.2} ms, drop median {:.2} ms)",
+            sync.0, sync.1, sync.2
         );
-        Some(rate)
-    } else {
-        None
-    };
+        let bg = restore_rate(
+            dir.path(),
+            started.background_teardown(true).build(),
+            args.rate_restores,
+        )?;
+        let drain = Instant::now();
+        osso_sdk::wait_for_background_teardown(Duration::from_secs(60));
+        let drain_ms = ms(drain.elapsed());
+        println!(
+            "restore rate with background teardown: {:.0} per second on the request path \
+             (restore median {:.2} ms, drop median {:.2} ms); the reaper thread finished \
+             closing the VMs {drain_ms:.0} ms after the last drop",
+            bg.0, bg.1, bg.2
+        );
+        restores_per_s = Some(sync.0);
+        restores_per_s_background_teardown = Some(bg.0);
+        restore_to_running_ms_median = Some(sync.1);
+        teardown_ms_median = Some(sync.2);
+    }
     if host != HostKvm::Hardware {
         println!(
             "SKIPPED hardware-KVM restore targets (restore to ready <= 3 ms median, >= 200 restores/s on 2 cores): this host's KVM is {host}"
@@ -259,6 +278,9 @@ fn run(args: &Args) -> Result<Report, osso_sdk::Error> {
         cold_vm_rss_bytes,
         clones_private_bytes,
         restores_per_s,
+        restores_per_s_background_teardown,
+        restore_to_running_ms_median,
+        teardown_ms_median,
     };
     println!(
         "\n{} clones on {}: restore to first ping median {:.1} ms, p95 {:.1} ms \
@@ -279,6 +301,26 @@ fn run(args: &Args) -> Result<Report, osso_sdk::Error> {
         mib(report.cold_vms_rss_bytes),
     );
     Ok(report)
+}
+
+/// Restores `n` VMs from `dir` one after the other, each dropped once
+/// ready; returns restores per second and the medians (ms) of restore and
+/// drop.
+fn restore_rate(dir: &Path, config: Config, n: usize) -> Result<(f64, f64, f64), osso_sdk::Error> {
+    let (mut up, mut down) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let t = Instant::now();
+    for _ in 0..n {
+        let r = Instant::now();
+        let vm = osso_sdk::restore(dir, config.clone())?;
+        up.push(ms(r.elapsed()));
+        let d = Instant::now();
+        drop(vm);
+        down.push(ms(d.elapsed()));
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    up.sort_by(f64::total_cmp);
+    down.sort_by(f64::total_cmp);
+    Ok((rate, quantile(&up, 0.5), quantile(&down, 0.5)))
 }
 
 /// Snapshots `vm` into `dir`; returns the time it took, ms.

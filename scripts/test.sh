@@ -42,4 +42,4 @@ cargo run -q --release --example restore -- --json 2>&1 | tee target/restore-exa
 tail -1 target/restore-example.txt | python3 -c 'import json,sys; m=json.load(sys.stdin); assert m["all_online"] is True, m; print("restore example: %d clones online, restore median %.1f ms" % (m["clones"], m["restore_ms_median"]))'
 echo "== done in ${SECONDS} s"
 echo "== skipped (with reasons)"
-grep -h "SKIPPED\|NOT CHECKED" "$log" | sort | uniq -c || echo "none"
+grep -h "SKIPPED\|NOT CHECKED" "$log" target/restore-example.txt | sort | uniq -c || echo "none"

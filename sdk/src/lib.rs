@@ -38,6 +38,7 @@ pub mod host;
 pub mod job;
 pub mod metrics;
 pub mod pool;
+pub mod reaper;
 pub mod vm;
 
 use std::time::{Duration, Instant};
@@ -50,6 +51,7 @@ pub use job::JobOutput;
 pub use metrics::{Metrics, RestoreFigures};
 pub use osso_vmm::net::user::PARKED_KERNEL_CMDLINE;
 pub use pool::Pool;
+pub use reaper::wait_for_background_teardown;
 pub use vm::{restore, spawn, Exit, Vm};
 
 /// A shell command to run in a fresh VM.

@@ -60,7 +60,10 @@ pub struct Vm {
     timeline: Arc<Timeline>,
     /// Shared with the waiter thread (which blocks in `Machine::wait`), so
     /// that the VM can be paused and snapshotted while it runs.
-    machine: Arc<Machine>,
+    /// `None` only while being dropped.
+    machine: Option<Arc<Machine>>,
+    /// Leave closing the VM to the reaper thread on drop.
+    background_teardown: bool,
     /// Microseconds from spawn()/restore() to ready.
     ready_us: OnceLock<u64>,
     /// For a VM made by [`restore`]: its snapshot and restore phases.
@@ -185,6 +188,7 @@ pub(crate) fn spawn_files(
         restored: None,
         ready: config.ready.clone(),
         boot_timeout: config.boot_timeout,
+        background_teardown: config.background_teardown,
     })
 }
 
@@ -200,6 +204,7 @@ struct VmParts {
     restored: Option<RestoredFrom>,
     ready: ReadyWhen,
     boot_timeout: Duration,
+    background_teardown: bool,
 }
 
 /// Restores the snapshot in `dir` (written by [`Vm::snapshot`]) into a new
@@ -265,6 +270,7 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
         }),
         ready,
         boot_timeout: config.boot_timeout,
+        background_teardown: config.background_teardown,
     })
 }
 
@@ -321,7 +327,8 @@ impl Vm {
             console: p.console,
             stop: machine.stop_handle(),
             timeline: machine.timeline(),
-            machine,
+            machine: Some(machine),
+            background_teardown: p.background_teardown,
             ready_us: OnceLock::new(),
             restored: p.restored,
             control: Mutex::new(()),
@@ -353,10 +360,11 @@ impl Vm {
         let dir = dir.as_ref();
         let _one = self.lock_control();
         // A VM the caller paused stays paused; one paused here resumes.
-        let was_paused = self.machine.is_paused();
-        let r = snapshot::snapshot_with_net(&self.machine, dir, self.net.as_ref());
+        let machine = self.machine();
+        let was_paused = machine.is_paused();
+        let r = snapshot::snapshot_with_net(machine, dir, self.net.as_ref());
         if !was_paused {
-            self.machine.resume();
+            machine.resume();
         }
         r.map_err(Error::from)
     }
@@ -365,7 +373,7 @@ impl Vm {
     /// work). [`Vm::resume`] goes on.
     pub fn pause(&self) -> Result<(), Error> {
         let _one = self.lock_control();
-        self.machine
+        self.machine()
             .pause(Duration::from_secs(5))
             .map_err(|e| Error::Snapshot(snapshot::SnapshotError::Pause(e)))
     }
@@ -373,12 +381,19 @@ impl Vm {
     /// Ends a [`Vm::pause`].
     pub fn resume(&self) {
         let _one = self.lock_control();
-        self.machine.resume();
+        self.machine().resume();
     }
 
     /// Whether the VM is paused.
     pub fn is_paused(&self) -> bool {
-        self.machine.is_paused()
+        self.machine().is_paused()
+    }
+
+    fn machine(&self) -> &Machine {
+        // Set from construction until drop.
+        self.machine
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("the machine is gone only in drop"))
     }
 
     /// Pause, resume and snapshot one at a time: a snapshot's resume must
@@ -626,7 +641,14 @@ impl Drop for Vm {
                 .unwrap_or_else(|p| p.into_inner())
                 .shutdown();
         }
-        self.mem = None;
-        // The machine (joined by the waiter) goes with the last reference.
+        // The waiter joined the vCPU threads and dropped its reference: what
+        // is left is closing the KVM VM (the host kernel destroys it) and
+        // unmapping guest RAM, in that order.
+        let rest = (self.machine.take(), self.mem.take());
+        if self.background_teardown {
+            crate::reaper::defer(Box::new(rest));
+        } else {
+            drop(rest);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Dropping a `Vm` releases what it held: threads and file descriptors are
-//! counted before and after (in a test binary of its own, so no other test's
-//! VMs run meanwhile). Tiny guests; SKIPPED without /dev/kvm.
+//! counted before and after (in a test binary of its own, its tests one at a
+//! time, so no other test's VMs run meanwhile); with background teardown,
+//! once the reaper thread is done. Tiny guests; SKIPPED without /dev/kvm.
 
 mod common;
 
@@ -9,11 +10,15 @@ use std::time::{Duration, Instant};
 use common::{fd_count, kvm_or_skip, thread_count, tiny_kernel, Then};
 use osso_sdk::Config;
 
+/// The tests here count the process's threads and fds: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn drop_releases_threads_and_fds() {
     if !kvm_or_skip("drop_releases") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let kernel = tiny_kernel(dir.path(), "k", "spinning", Then::ReadyThenSpin);
     let cfg = || {
@@ -45,6 +50,43 @@ fn drop_releases_threads_and_fds() {
         thread_count(),
         fd_count()
     );
+    assert_eq!(thread_count(), threads, "threads left behind");
+    assert_eq!(fd_count(), fds, "file descriptors left behind");
+}
+
+#[test]
+fn background_teardown_releases_everything_once_the_reaper_is_done() {
+    if !kvm_or_skip("background_teardown") {
+        return;
+    }
+    // Not beside the other test: both count the process's threads and fds.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = tiny_kernel(dir.path(), "k", "idle", Then::ReadyThenHalt);
+    let cfg = || {
+        Config::builder()
+            .custom_image(kernel.clone(), None)
+            .mem_mib(16)
+            .background_teardown(true)
+            .build()
+    };
+    // Warm up: the reaper thread itself is process-wide and stays.
+    drop(osso_sdk::spawn(cfg()).expect("spawn"));
+    assert!(osso_sdk::wait_for_background_teardown(Duration::from_secs(
+        5
+    )));
+    let (threads, fds) = (thread_count(), fd_count());
+    for _ in 0..5 {
+        drop(osso_sdk::spawn(cfg()).expect("spawn"));
+    }
+    assert!(
+        osso_sdk::wait_for_background_teardown(Duration::from_secs(10)),
+        "the reaper finished"
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (thread_count(), fd_count()) != (threads, fds) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(thread_count(), threads, "threads left behind");
     assert_eq!(fd_count(), fds, "file descriptors left behind");
 }
