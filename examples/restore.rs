@@ -234,7 +234,11 @@ fn run(args: &Args) -> Result<Report, osso_sdk::Error> {
             args.rate_restores,
         )?;
         let drain = Instant::now();
-        osso_sdk::wait_for_background_teardown(Duration::from_secs(60));
+        if !osso_sdk::wait_for_background_teardown(Duration::from_secs(60)) {
+            return Err(osso_sdk::Error::Config(
+                "the background teardown did not finish within 60 s".into(),
+            ));
+        }
         let drain_ms = ms(drain.elapsed());
         println!(
             "restore rate with background teardown: {:.0} per second on the request path \

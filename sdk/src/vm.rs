@@ -634,12 +634,13 @@ impl Drop for Vm {
         if let Some(w) = self.waiter.take() {
             let _ = w.join();
         }
-        // The device thread and the user network stop with their handles.
+        // The device thread stops, and the backend (a TAP fd, the user
+        // network) closes now, even if the machine that also holds the
+        // device goes to the reaper below.
         if let Some(net) = self.net.take() {
-            net.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .shutdown();
+            let mut t = net.transport.lock().unwrap_or_else(|p| p.into_inner());
+            t.shutdown();
+            t.device_mut().release_backend();
         }
         // The waiter joined the vCPU threads and dropped its reference: what
         // is left is closing the KVM VM (the host kernel destroys it) and

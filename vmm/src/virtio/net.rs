@@ -237,6 +237,14 @@ impl NetDevice {
         self.mac
     }
 
+    /// Stops the device thread and closes the backend (a TAP fd, the user
+    /// network's threads) now, rather than when the device is dropped. The
+    /// device then stays idle: a later activation fails with no backend.
+    pub fn release_backend(&mut self) {
+        self.stop_worker();
+        self.backend = None;
+    }
+
     /// Whether the device thread is running.
     pub fn is_running(&self) -> bool {
         self.worker.is_some()
