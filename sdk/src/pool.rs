@@ -23,6 +23,9 @@ use crate::vm::{restore, spawn, Vm};
 /// again (and `take` reports the failure if nothing is ready).
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
+/// How often the refill thread looks for clones that ended while waiting.
+const PRUNE_EVERY: Duration = Duration::from_millis(200);
+
 struct State {
     ready: VecDeque<Vm>,
     /// The last refill failure, until a restore succeeds again.
@@ -46,12 +49,28 @@ impl Inner {
     /// The refill thread: keeps `size` clones ready until stopped.
     fn refill(&self) {
         loop {
+            let mut ended = Vec::new();
             {
                 let mut st = self.lock();
-                while st.ready.len() >= self.size && !self.stop.load(Ordering::SeqCst) {
-                    st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                loop {
+                    // Clones that ended while waiting (their lifetime passed,
+                    // or the guest stopped) are replaced.
+                    let (gone, alive): (VecDeque<Vm>, VecDeque<Vm>) =
+                        st.ready.drain(..).partition(Vm::has_ended);
+                    st.ready = alive;
+                    ended.extend(gone);
+                    if st.ready.len() < self.size || self.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    st = self
+                        .changed
+                        .wait_timeout(st, PRUNE_EVERY)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
             }
+            // Torn down outside the lock.
+            drop(ended);
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
@@ -209,9 +228,14 @@ impl Pool {
         }
     }
 
-    /// Clones ready now.
+    /// Clones ready now (not counting any that ended while waiting).
     pub fn ready_count(&self) -> usize {
-        self.inner.lock().ready.len()
+        self.inner
+            .lock()
+            .ready
+            .iter()
+            .filter(|v| !v.has_ended())
+            .count()
     }
 
     /// The snapshot the clones come from.

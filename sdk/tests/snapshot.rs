@@ -253,3 +253,37 @@ fn a_warm_pool_hands_out_ready_clones_and_cleans_up() {
     let e = Pool::from_snapshot(dir.path(), config, 1).unwrap_err();
     assert!(matches!(e, Error::Snapshot(_)), "{e}");
 }
+
+#[test]
+fn a_warm_pool_replaces_clones_that_ended_while_waiting() {
+    if !kvm_or_skip("a_warm_pool_replaces_clones_that_ended") {
+        return;
+    }
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // Every clone lives 300 ms: those waiting in the pool end and must be
+    // replaced by fresh ones.
+    let config = idle_guest(dir.path())
+        .no_network()
+        .lifetime(Duration::from_millis(300))
+        .build();
+    let pool = Pool::boot(config, 2).expect("pool");
+    assert_eq!(pool.wait_ready(2, Duration::from_secs(10)).unwrap(), 2);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        // The refill thread prunes and restores within a few hundred ms.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.ready_count() < 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            pool.ready_count() >= 1,
+            "round {round}: the pool did not replace its ended clones"
+        );
+        let vm = pool.take().expect("a clone");
+        assert!(
+            !vm.has_ended(),
+            "round {round}: take handed out an ended clone"
+        );
+    }
+}
