@@ -69,7 +69,8 @@ pub struct Metrics {
     /// This VM's guest RAM as proportional set size: pages shared with
     /// other clones of the same snapshot count 1/N each (`/proc/self/smaps`).
     pub guest_pss_bytes: u64,
-    /// Guest RAM pages only this VM holds (a clone's copy-on-write copies).
+    /// Guest RAM pages only this VM holds: a clone's copy-on-write copies
+    /// and the snapshot pages no other clone maps at the moment.
     pub guest_private_bytes: u64,
     /// The VMM's own resident memory (process RSS without guest RAM), bytes.
     pub vmm_rss_bytes: u64,

@@ -26,6 +26,17 @@ struct Reaper {
     idle: Condvar,
 }
 
+impl Reaper {
+    /// One pending item is gone; wakes the waiters when none is left.
+    fn one_done(&self) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        *p = p.saturating_sub(1);
+        if *p == 0 {
+            self.idle.notify_all();
+        }
+    }
+}
+
 static REAPER: OnceLock<Reaper> = OnceLock::new();
 
 fn reaper() -> &'static Reaper {
@@ -37,12 +48,7 @@ fn reaper() -> &'static Reaper {
                 for item in rx {
                     // A panicking destructor must not take the reaper down.
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(item)));
-                    let r = reaper();
-                    let mut p = r.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    *p = p.saturating_sub(1);
-                    if *p == 0 {
-                        r.idle.notify_all();
-                    }
+                    reaper().one_done();
                 }
             });
         Reaper {
@@ -79,11 +85,7 @@ pub(crate) fn defer(item: Item) {
     };
     if let Some(item) = unsent {
         drop(item);
-        let mut p = r.pending.lock().unwrap_or_else(|p| p.into_inner());
-        *p = p.saturating_sub(1);
-        if *p == 0 {
-            r.idle.notify_all();
-        }
+        r.one_done();
     }
 }
 

@@ -175,12 +175,10 @@ pub(crate) fn spawn_files(
     let mut builder = MachineBuilder::new(vmc)?;
     let net = attach_net(&mut builder, &config.net_config())?;
     let forwards = set_up_forwards(net.as_ref(), &config)?;
-    let mem = builder.guest_memory();
     let machine = builder.start()?;
     Vm::assemble(VmParts {
         console,
         machine,
-        mem,
         net,
         forwards,
         image: files.image,
@@ -196,7 +194,6 @@ pub(crate) fn spawn_files(
 struct VmParts {
     console: Console,
     machine: Machine,
-    mem: GuestMemoryMmap,
     net: Option<AttachedNet>,
     forwards: Vec<std::net::SocketAddr>,
     image: ImageSize,
@@ -258,7 +255,6 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
     };
     Vm::assemble(VmParts {
         console,
-        mem: machine.guest_memory(),
         machine,
         net,
         forwards,
@@ -327,12 +323,12 @@ impl Vm {
             console: p.console,
             stop: machine.stop_handle(),
             timeline: machine.timeline(),
+            mem: Some(machine.guest_memory()),
             machine: Some(machine),
             background_teardown: p.background_teardown,
             ready_us: OnceLock::new(),
             restored: p.restored,
             control: Mutex::new(()),
-            mem: Some(p.mem),
             net: p.net,
             forwards: p.forwards,
             outcome,

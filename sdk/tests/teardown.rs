@@ -13,6 +13,32 @@ use osso_sdk::Config;
 /// The tests here count the process's threads and fds: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Waits up to 3 s (threads end asynchronously after their join handles
+/// are dropped) until the process has at most `threads` threads and `fds`
+/// fds again, and asserts it. At most, not exactly: the other test's libtest
+/// thread, counted in the baseline if it was still exiting, may be gone.
+fn assert_back_to(test: &str, threads: usize, fds: usize) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (thread_count() > threads || fd_count() > fds) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "{test}: threads {threads} -> {}, fds {fds} -> {}",
+        thread_count(),
+        fd_count()
+    );
+    assert!(
+        thread_count() <= threads,
+        "threads left behind: {threads} -> {}",
+        thread_count()
+    );
+    assert!(
+        fd_count() <= fds,
+        "file descriptors left behind: {fds} -> {}",
+        fd_count()
+    );
+}
+
 #[test]
 fn drop_releases_threads_and_fds() {
     if !kvm_or_skip("drop_releases") {
@@ -40,28 +66,7 @@ fn drop_releases_threads_and_fds() {
         assert_eq!(vm.forwards().len(), 1);
         drop(vm);
     }
-    // Threads end asynchronously after join handles are dropped; allow a moment.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    // At most the baseline: the other test's libtest thread, counted in the
-    // baseline if it was still exiting, may be gone by now.
-    while (thread_count() > threads || fd_count() > fds) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!(
-        "drop_releases: threads {threads} -> {}, fds {fds} -> {}",
-        thread_count(),
-        fd_count()
-    );
-    assert!(
-        thread_count() <= threads,
-        "threads left behind: {threads} -> {}",
-        thread_count()
-    );
-    assert!(
-        fd_count() <= fds,
-        "file descriptors left behind: {fds} -> {}",
-        fd_count()
-    );
+    assert_back_to("drop_releases", threads, fds);
 }
 
 #[test]
@@ -93,20 +98,5 @@ fn background_teardown_releases_everything_once_the_reaper_is_done() {
         osso_sdk::wait_for_background_teardown(Duration::from_secs(10)),
         "the reaper finished"
     );
-    let deadline = Instant::now() + Duration::from_secs(3);
-    // At most the baseline: the other test's libtest thread, counted in the
-    // baseline if it was still exiting, may be gone by now.
-    while (thread_count() > threads || fd_count() > fds) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        thread_count() <= threads,
-        "threads left behind: {threads} -> {}",
-        thread_count()
-    );
-    assert!(
-        fd_count() <= fds,
-        "file descriptors left behind: {fds} -> {}",
-        fd_count()
-    );
+    assert_back_to("background_teardown", threads, fds);
 }

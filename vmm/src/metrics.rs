@@ -175,10 +175,16 @@ pub fn process_rss_bytes() -> u64 {
 /// The process's anonymous resident memory in bytes (`RssAnon` in
 /// `/proc/self/status`).
 pub fn process_anon_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_kib_field("/proc/self/status", "RssAnon:")
+}
+
+/// The `key` line of a /proc file that lists sizes as `Key:  N kB`, in
+/// bytes; 0 if the file or the line is missing.
+fn proc_kib_field(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
+            let line = s.lines().find(|l| l.starts_with(key))?;
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map(|kib| kib * 1024)
@@ -216,14 +222,7 @@ pub fn guest_resident_bytes(mem: &GuestMemoryMmap) -> u64 {
 /// cache pages) this is what they cost together; RSS would count a shared
 /// page once per clone.
 pub fn process_pss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("Pss:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map(|kib| kib * 1024)
-        .unwrap_or(0)
+    proc_kib_field("/proc/self/smaps_rollup", "Pss:")
 }
 
 /// How one guest RAM mapping uses host memory, from `/proc/self/smaps`.
@@ -234,8 +233,13 @@ pub struct MappingUsage {
     /// The same with each shared page divided among its mappings.
     pub pss_bytes: u64,
     /// Pages only this mapping holds (a restored clone's copy-on-write
-    /// copies, or all touched pages of a cold VM's anonymous RAM).
+    /// copies and the snapshot pages no other clone maps at the moment, or
+    /// all touched pages of a cold VM's anonymous RAM).
     pub private_bytes: u64,
+    /// Of those, the dirty ones (`Private_Dirty`): a clone's copy-on-write
+    /// copies, and snapshot pages still dirty in the page cache while no
+    /// other mapping shares them.
+    pub private_dirty_bytes: u64,
 }
 
 /// [`MappingUsage`] of each guest RAM region of `mem`, summed. Zero if
@@ -275,7 +279,11 @@ fn parse_smaps(smaps: &str, starts: &[u64]) -> MappingUsage {
         match first {
             "Rss:" => total.rss_bytes += kib * 1024,
             "Pss:" => total.pss_bytes += kib * 1024,
-            "Private_Clean:" | "Private_Dirty:" => total.private_bytes += kib * 1024,
+            "Private_Clean:" => total.private_bytes += kib * 1024,
+            "Private_Dirty:" => {
+                total.private_bytes += kib * 1024;
+                total.private_dirty_bytes += kib * 1024;
+            }
             _ => {}
         }
     }
@@ -353,6 +361,7 @@ Private_Dirty:         4 kB
                 rss_bytes: 2048 << 10,
                 pss_bytes: 1024 << 10,
                 private_bytes: 516 << 10,
+                private_dirty_bytes: 512 << 10,
             }
         );
         assert_eq!(parse_smaps(smaps, &[0x1000]), MappingUsage::default());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use osso_vmm::snapshot::{self, RestoreOptions, SnapshotError};
 use osso_vmm::{CpuMode, MachineBuilder, VmConfig};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 const LOAD: u64 = 0x1000;
 const COUNTER_ADDR: u64 = 0x3000;
@@ -190,40 +190,14 @@ fn counting_guest_snapshot_restores_twice_and_counts_on() {
     }
 }
 
-/// (Rss, Pss, Private_Dirty) in KiB of the mapping starting at `addr`, from
-/// /proc/self/smaps.
-fn smaps_of(addr: u64) -> (u64, u64, u64) {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    let (mut rss, mut pss, mut pd) = (0, 0, 0);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((start, _)) = first.split_once('-') {
-            if u64::from_str_radix(start, 16).is_ok() && !first.ends_with(':') {
-                if inside {
-                    break;
-                }
-                inside = u64::from_str_radix(start, 16).unwrap() == addr;
-                continue;
-            }
-        }
-        if inside {
-            let mut it = line.split_whitespace();
-            let key = it.next().unwrap_or("");
-            let v: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            match key {
-                "Rss:" => rss = v,
-                "Pss:" => pss = v,
-                "Private_Dirty:" => pd = v,
-                _ => {}
-            }
-        }
-    }
-    (rss, pss, pd)
-}
-
-fn host_addr(m: &osso_vmm::Machine) -> u64 {
-    m.guest_memory().get_host_address(GuestAddress(0)).unwrap() as u64
+/// (Rss, Pss, Private_Dirty) in KiB of the clone's guest RAM mapping.
+fn smaps_of(m: &osso_vmm::Machine) -> (u64, u64, u64) {
+    let u = osso_vmm::metrics::guest_mapping_usage(&m.guest_memory());
+    (
+        u.rss_bytes >> 10,
+        u.pss_bytes >> 10,
+        u.private_dirty_bytes >> 10,
+    )
 }
 
 /// Reads every page of the clone's RAM (as a guest that uses its memory
@@ -262,12 +236,12 @@ fn clones_share_the_snapshot_pages() {
 
     let (a, _ca) = restore_with_console(dir.path());
     touch_all(&a, MIB);
-    let (rss_a1, pss_a1, pd_a1) = smaps_of(host_addr(&a));
+    let (rss_a1, pss_a1, pd_a1) = smaps_of(&a);
     let (b, _cb) = restore_with_console(dir.path());
     touch_all(&b, MIB);
     std::thread::sleep(Duration::from_millis(50));
-    let (rss_a2, pss_a2, pd_a2) = smaps_of(host_addr(&a));
-    let (rss_b2, pss_b2, pd_b2) = smaps_of(host_addr(&b));
+    let (rss_a2, pss_a2, pd_a2) = smaps_of(&a);
+    let (rss_b2, pss_b2, pd_b2) = smaps_of(&b);
     println!(
         "one clone: Rss {rss_a1} KiB, Pss {pss_a1} KiB, Private_Dirty {pd_a1} KiB; \
          two clones: A Rss {rss_a2} Pss {pss_a2} Private_Dirty {pd_a2}, B Rss {rss_b2} Pss {pss_b2} Private_Dirty {pd_b2} (KiB); \
