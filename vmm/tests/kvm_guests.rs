@@ -6,55 +6,18 @@
 //!
 //! Without `/dev/kvm` each test prints `SKIPPED: <reason>` and returns.
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::elf_kernel;
+use common::{elf_kernel, kvm_available, Console};
 use osso_vmm::layout::BOOT_TIMER_ADDR;
 use osso_vmm::{CpuMode, ExitReason, MachineBuilder, RunOutcome, VmConfig};
 
 /// Where the test programs are loaded and entered.
 const LOAD: u64 = 0x1000;
-
-fn kvm_available() -> bool {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIPPED: /dev/kvm does not exist on this host");
-        return false;
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIPPED: /dev/kvm cannot be opened read-write");
-        return false;
-    }
-    true
-}
-
-/// A console sink the test can read back.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The handful of x86 instructions the test guests need, encoded for one mode.
 struct Asm {

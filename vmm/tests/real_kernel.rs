@@ -13,24 +13,11 @@
 
 mod common;
 
-use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::Console;
+
 use osso_vmm::{ExitReason, VmConfig};
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Prints SKIPPED, or fails where the project's test command requires this
 /// layer (`OSSO_REQUIRE_E2E=1`).
@@ -58,7 +45,7 @@ fn osso_kernel_boots_to_init() {
     cfg.console = Box::new(console.clone());
     cfg.timeout = Some(Duration::from_secs(600));
     let out = osso_vmm::run(cfg).expect("machine runs");
-    let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    let text = console.text();
     println!("metrics: {:?}", out.metrics);
     assert!(text.contains("Linux version"), "no banner:\n{text}");
     assert!(

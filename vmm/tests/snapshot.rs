@@ -6,49 +6,18 @@
 //!
 //! Without `/dev/kvm` each test prints `SKIPPED: <reason>` and returns.
 
-use std::io::{self, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{kvm_available, Console};
 use osso_vmm::snapshot::{self, RestoreOptions, SnapshotError};
 use osso_vmm::{CpuMode, MachineBuilder, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 const LOAD: u64 = 0x1000;
 const COUNTER_ADDR: u64 = 0x3000;
-
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIPPED: /dev/kvm cannot be opened read-write on this host");
-        return false;
-    }
-    true
-}
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Console {
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The counting loop, 64-bit code at `LOAD`:
 /// ```text

@@ -1,4 +1,58 @@
-//! Helpers shared by the integration tests: tiny kernel files.
+//! Helpers shared by the integration tests: tiny kernel files, a console
+//! sink the test reads back, the /dev/kvm check.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+/// Whether /dev/kvm can be opened read-write; prints `SKIPPED: <reason>`
+/// if not.
+#[allow(dead_code)] // not every test binary runs guests
+pub fn kvm_available() -> bool {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIPPED: /dev/kvm does not exist on this host");
+        return false;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("SKIPPED: /dev/kvm cannot be opened read-write");
+        return false;
+    }
+    true
+}
+
+/// A console sink the test can read back (clones share the buffer).
+#[derive(Clone, Default)]
+pub struct Console(Arc<Mutex<Vec<u8>>>);
+
+#[allow(dead_code)] // not every test binary reads both ways
+impl Console {
+    /// Everything written so far, as bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+}
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A minimal x86-64 ELF executable: one PT_LOAD of `code` at `paddr`, and a
 /// PT_NOTE with the Xen PVH entry note (type 18, "Xen") when `pvh_entry` is set.
