@@ -522,15 +522,39 @@ fn device_thread_end_to_end_through_transport() {
     assert_eq!(metrics.total_errors(), 0);
 }
 
-/// The whole in-process path: guest rings -> device thread -> user-mode
-/// stack -> device thread -> guest rings, for an ARP request to the gateway.
-#[test]
-fn device_with_user_network_answers_arp() {
-    use crate::net::user::{UserNet, UserNetConfig, GATEWAY_IP, GATEWAY_MAC, GUEST_IP};
+/// "Who has 10.0.2.2? Tell 10.0.2.15", from `guest_mac`, built with
+/// smoltcp's wire types.
+fn arp_request_for_gateway(guest_mac: MacAddr) -> Vec<u8> {
+    use crate::net::user::{GATEWAY_IP, GUEST_IP};
     use smoltcp::wire::{
         ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
         EthernetRepr,
     };
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(guest_mac.0),
+        source_protocol_addr: GUEST_IP,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: GATEWAY_IP,
+    };
+    let er = EthernetRepr {
+        src_addr: EthernetAddress(guest_mac.0),
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut fr = vec![0u8; er.buffer_len() + arp.buffer_len()];
+    let mut ef = EthernetFrame::new_unchecked(&mut fr[..]);
+    er.emit(&mut ef);
+    arp.emit(&mut ArpPacket::new_unchecked(ef.payload_mut()));
+    fr
+}
+
+/// The whole in-process path: guest rings -> device thread -> user-mode
+/// stack -> device thread -> guest rings, for an ARP request to the gateway.
+#[test]
+fn device_with_user_network_answers_arp() {
+    use crate::net::user::{UserNet, UserNetConfig, GATEWAY_IP, GATEWAY_MAC};
+    use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame};
 
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let (backend, handle) = UserNet::start(UserNetConfig::default()).unwrap();
@@ -549,23 +573,7 @@ fn device_with_user_network_answers_arp() {
     }
     t.queue_evts()[0].write(1).unwrap();
 
-    // Build "who has 10.0.2.2? tell 10.0.2.15" with smoltcp's wire types.
-    let arp = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: EthernetAddress(guest_mac.0),
-        source_protocol_addr: GUEST_IP,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: GATEWAY_IP,
-    };
-    let er = EthernetRepr {
-        src_addr: EthernetAddress(guest_mac.0),
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Arp,
-    };
-    let mut fr = vec![0u8; er.buffer_len() + arp.buffer_len()];
-    let mut ef = EthernetFrame::new_unchecked(&mut fr[..]);
-    er.emit(&mut ef);
-    arp.emit(&mut ArpPacket::new_unchecked(ef.payload_mut()));
+    let fr = arp_request_for_gateway(guest_mac);
     let len = put_tx(&mem, 0x100000, &fr);
     tx.add_chain(&[(0x100000, len)], false);
     t.queue_evts()[1].write(1).unwrap();
@@ -610,9 +618,7 @@ fn device_with_tap_in_private_netns_answers_arp() {
     use crate::net::tap::{Tap, TapError};
     use smoltcp::wire::{
         ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-        EthernetRepr,
     };
-    use std::net::Ipv4Addr;
 
     let r = std::thread::spawn(|| -> Result<(), String> {
         // SAFETY: unshare(CLONE_NEWNET) changes only this thread's network
@@ -656,24 +662,7 @@ fn device_with_tap_in_private_netns_answers_arp() {
         }
         t.queue_evts()[0].write(1).unwrap();
 
-        let guest_ip = Ipv4Addr::new(10, 0, 2, 15);
-        let gw = Ipv4Addr::new(10, 0, 2, 2);
-        let arp = ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Request,
-            source_hardware_addr: EthernetAddress(guest_mac.0),
-            source_protocol_addr: guest_ip,
-            target_hardware_addr: EthernetAddress([0; 6]),
-            target_protocol_addr: gw,
-        };
-        let er = EthernetRepr {
-            src_addr: EthernetAddress(guest_mac.0),
-            dst_addr: EthernetAddress::BROADCAST,
-            ethertype: EthernetProtocol::Arp,
-        };
-        let mut fr = vec![0u8; er.buffer_len() + arp.buffer_len()];
-        let mut ef = EthernetFrame::new_unchecked(&mut fr[..]);
-        er.emit(&mut ef);
-        arp.emit(&mut ArpPacket::new_unchecked(ef.payload_mut()));
+        let fr = arp_request_for_gateway(guest_mac);
         let len = put_tx(&mem, 0x100000, &fr);
         tx.add_chain(&[(0x100000, len)], false);
         t.queue_evts()[1].write(1).unwrap();
@@ -704,7 +693,7 @@ fn device_with_tap_in_private_netns_answers_arp() {
                 else {
                     continue;
                 };
-                assert_eq!(source_protocol_addr, gw);
+                assert_eq!(source_protocol_addr, crate::net::user::GATEWAY_IP);
                 assert_eq!(target_hardware_addr, EthernetAddress(guest_mac.0));
                 assert_eq!(metrics.tx_frames.load(Ordering::Relaxed), 1);
                 assert_eq!(metrics.total_errors(), 0);
