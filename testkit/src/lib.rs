@@ -88,7 +88,10 @@ fn skip(check: &str, reason: impl std::fmt::Display) {
 pub fn require_kvm(check: &str) -> bool {
     match Kvm::detect() {
         Kvm::Missing => {
-            skip_or_fail(check, "/dev/kvm does not exist or cannot be opened read-write");
+            skip_or_fail(
+                check,
+                "/dev/kvm does not exist or cannot be opened read-write",
+            );
             false
         }
         _ => true,
