@@ -4,7 +4,10 @@
 #   build:  make gcc libc6-dev flex bison bc perl patch rsync binutils libelf-dev musl-tools
 #   source: linux-source-6.12 (the kernel tarball; Toybox's source is fetched by the builder)
 #   tests:  cpio (cross-checks our cpio writer), qemu-system-x86 (boots the image under TCG,
-#           and is the benchmark peer), iputils-ping and iproute2 (network tests)
+#           and is the benchmark peer; also level 0 of layer 5's nested KVM),
+#           iputils-ping and iproute2 (network tests)
+#   layer 5: linux-image-<pinned>-cloud-amd64 and busybox-static are fetched (not
+#           installed) by osso-nested with apt-get download
 set -euo pipefail
 PACKAGES=(
   make gcc libc6-dev flex bison bc perl patch rsync binutils libelf-dev musl-tools
@@ -20,10 +23,14 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Layer 5 (osso-nested) fetches Debian's cloud kernel and busybox-static with
+# `apt-get download`, which needs the archive's package lists.
+if [ ${#missing[@]} -ne 0 ] || ! apt-cache show busybox-static linux-image-cloud-amd64 >/dev/null 2>&1; then
+  apt-get update -q
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all packages present"
-  exit 0
+else
+  echo "install-deps: installing ${missing[*]}"
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-echo "install-deps: installing ${missing[*]}"
-apt-get update -q
-apt-get install -y -q --no-install-recommends "${missing[@]}"
