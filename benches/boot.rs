@@ -59,6 +59,8 @@ use osso_vmm::{MachineBuilder, VmConfig};
 use serde_json::json;
 
 const INIT_LINE: &str = "Run /init as init process";
+/// What the image's /init prints once eth0 is up and 10.0.2.2 answered.
+const ONLINE_LINE: &str = "SUCCESS: ONLINE";
 const MEM_MIB: u64 = 128;
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -436,6 +438,8 @@ struct KernelRun {
     first_byte_ms: Option<f64>,
     init_ms: Option<f64>,
     ready_ms: Option<f64>,
+    /// Start to the guest's `SUCCESS: ONLINE` line (guest user space only).
+    online_ms: Option<f64>,
     rss: Option<f64>,
     own_rss: Option<f64>,
     guest_resident: Option<f64>,
@@ -445,6 +449,8 @@ struct KernelRun {
 struct FirstByte {
     start: Instant,
     first: Arc<AtomicU64>,
+    /// Microseconds from `start` to the ONLINE line (u64::MAX: not yet).
+    online: Arc<AtomicU64>,
     line: Vec<u8>,
     last_line: Arc<std::sync::Mutex<String>>,
 }
@@ -458,6 +464,11 @@ impl Write for FirstByte {
         for &b in buf {
             if b == b'\n' {
                 let l = String::from_utf8_lossy(&self.line).trim_end().to_string();
+                if l.contains(ONLINE_LINE) && self.online.load(Ordering::Relaxed) == u64::MAX {
+                    let us =
+                        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+                    self.online.store(us, Ordering::Relaxed);
+                }
                 *self.last_line.lock().unwrap_or_else(|p| p.into_inner()) = l;
                 self.line.clear();
             } else if self.line.len() < 512 {
@@ -481,6 +492,7 @@ fn osso_kernel_run(
 ) -> Result<KernelRun, String> {
     let start = Instant::now();
     let first = Arc::new(AtomicU64::new(u64::MAX));
+    let online = Arc::new(AtomicU64::new(u64::MAX));
     let last_line = Arc::new(std::sync::Mutex::new(String::new()));
     let mut vmc = VmConfig::kernel(vmlinux, Some(initrd.to_path_buf()));
     vmc.mem_mib = MEM_MIB;
@@ -490,6 +502,7 @@ fn osso_kernel_run(
     vmc.console = Box::new(FirstByte {
         start,
         first: first.clone(),
+        online: online.clone(),
         line: Vec::new(),
         last_line: last_line.clone(),
     });
@@ -521,9 +534,14 @@ fn osso_kernel_run(
         }
         if let Some(us) = timeline.boot_timer_us() {
             run.ready_ms = Some(us_to_ms(us));
-            if run.init_ms.is_some() {
-                break;
-            }
+        }
+        let on = online.load(Ordering::Relaxed);
+        if on != u64::MAX {
+            run.online_ms = Some(us_to_ms(on));
+        }
+        // On hardware KVM: on to the boot timer and the ONLINE line.
+        if run.init_ms.is_some() && run.ready_ms.is_some() && run.online_ms.is_some() {
+            break;
         }
         if let Some(exit) = machine.exit_reason() {
             failure = Some(format!("the VM ended first: {exit}"));
@@ -569,7 +587,8 @@ impl KernelRun {
             self.ready_ms,
             self.rss,
             self.own_rss,
-            self.guest_resident
+            self.guest_resident,
+            self.online_ms
         ])
     }
     fn from_json(v: &serde_json::Value) -> KernelRun {
@@ -582,6 +601,7 @@ impl KernelRun {
             rss: f(4),
             own_rss: f(5),
             guest_resident: f(6),
+            online_ms: f(7),
         }
     }
 }
@@ -675,12 +695,14 @@ fn qemu_memory(pid: u32) -> (Option<f64>, Option<f64>) {
     (rss, guest)
 }
 
-/// One QEMU boot of the same kernel and initramfs; killed at the /init line.
+/// One QEMU boot of the same kernel and initramfs; killed at the /init line,
+/// or with `wait_online` (guest user space runs) at the ONLINE line.
 fn qemu_kernel_run(
     vmlinux: &Path,
     initrd: &Path,
     append: &str,
     use_kvm: bool,
+    wait_online: bool,
     limit: Duration,
 ) -> Result<KernelRun, String> {
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -721,7 +743,8 @@ fn qemu_kernel_run(
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    // (event, ms from start): 0 = first byte, 1 = /init line, 2 = end of output.
+    // (event, ms from start): 0 = first byte, 1 = /init line, 2 = end of
+    // output, 3 = the ONLINE line.
     let (tx, rx) = mpsc::channel::<(u8, f64)>();
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -743,6 +766,9 @@ fn qemu_kernel_run(
                     let l = String::from_utf8_lossy(&line).into_owned();
                     if l.contains(INIT_LINE) {
                         let _ = tx.send((1, now));
+                    }
+                    if l.contains(ONLINE_LINE) {
+                        let _ = tx.send((3, now));
                     }
                     tail = l;
                     line.clear();
@@ -767,14 +793,35 @@ fn qemu_kernel_run(
                 run.rss = rss;
                 run.guest_resident = guest;
                 run.own_rss = rss.zip(guest).map(|(r, g)| r - g);
+                if !wait_online {
+                    break;
+                }
+            }
+            Ok((3, t)) => {
+                run.online_ms = Some(t);
                 break;
             }
             Ok(_) => {
-                failure = Some("QEMU ended before the /init line".to_string());
+                failure = Some(format!(
+                    "QEMU ended before the {:?} line",
+                    if run.init_ms.is_none() {
+                        INIT_LINE
+                    } else {
+                        ONLINE_LINE
+                    }
+                ));
                 break;
             }
             Err(_) => {
-                failure = Some(format!("no {INIT_LINE:?} within {} s", limit.as_secs()));
+                failure = Some(format!(
+                    "no {:?} within {} s",
+                    if run.init_ms.is_none() {
+                        INIT_LINE
+                    } else {
+                        ONLINE_LINE
+                    },
+                    limit.as_secs()
+                ));
                 break;
             }
         }
@@ -816,12 +863,17 @@ fn real_kernel_boots(
         append.push(' ');
         append.push_str(osso_vmm::boot::cmdline::PVM_WORKAROUND);
     }
+    // QEMU's microvm with -nodefaults has no i8042, so a guest rebooting with
+    // reboot=k would hang there; reboot=t (triple fault) ends QEMU under
+    // -no-reboot. (Osso's VMM emulates the i8042 reset line.)
+    let qemu_append = append.replace("reboot=k", "reboot=t");
+    let hardware = host == HostKvm::Hardware;
     match &qemu {
         None => report.note(
             "SKIPPED QEMU column: qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)",
         ),
         Some(v) => report.note(format!(
-            "QEMU: {v}, {}; -append {append:?} (QEMU adds virtio_mmio.device= itself)",
+            "QEMU: {v}, {}; -append {qemu_append:?} (QEMU adds virtio_mmio.device= itself)",
             if use_kvm {
                 "-enable-kvm (default CPU model)"
             } else {
@@ -855,8 +907,9 @@ fn real_kernel_boots(
         let want_qemu = qemu.is_some() && std::env::var_os("OSSO_BENCH_NO_QEMU").is_none();
         let t = Instant::now();
         let (osso_result, qemu_result) = std::thread::scope(|s| {
-            let q = want_qemu
-                .then(|| s.spawn(|| qemu_kernel_run(vmlinux, initrd, &append, use_kvm, limit)));
+            let q = want_qemu.then(|| {
+                s.spawn(|| qemu_kernel_run(vmlinux, initrd, &qemu_append, use_kvm, hardware, limit))
+            });
             let o = osso_kernel_run_in_child(vmlinux, initrd, limit);
             let q = q.map(|h| {
                 h.join()
@@ -936,6 +989,13 @@ fn real_kernel_boots(
             &col(&osso, |r| r.ready_ms),
             &format!("{osso_how}; the guest's /init writes 123 to the boot timer"),
         );
+        report.add(
+            "osso",
+            "start to SUCCESS: ONLINE",
+            "ms",
+            &col(&osso, |r| r.online_ms),
+            &format!("{osso_how}; the console line {ONLINE_LINE:?} (/init brought eth0 up and 10.0.2.2 answered its ping)"),
+        );
     }
     report.add(
         "osso",
@@ -983,6 +1043,15 @@ fn real_kernel_boots(
         &col(&qemu_runs, |r| Some(r.init_ms? - r.first_byte_ms?)),
         "the kernel's own boot, measured between two console events",
     );
+    if hardware {
+        report.add(
+            qemu_system,
+            "start to SUCCESS: ONLINE",
+            "ms",
+            &col(&qemu_runs, |r| r.online_ms),
+            &format!("{qemu_how}; the line {ONLINE_LINE:?} read from its stdout (guest booted with reboot=t)"),
+        );
+    }
     report.add(
         qemu_system,
         "process RSS at /init",

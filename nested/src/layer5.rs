@@ -97,7 +97,7 @@ pub fn named_checks() -> Vec<Spec> {
             program: Program::Bench("boot"),
             args: Vec::new(),
             script: Some(
-                "set -o pipefail; \"$PROGRAM\" --bench | tee /tmp/bench.out && ! grep -q '^SKIPPED\\|SKIPPED Osso start-to-ready\\|SKIPPED QEMU' /tmp/bench.out",
+                "set -o pipefail; OSSO_BENCH_KERNEL_RUNS=5 OSSO_BENCH_KERNEL_LIMIT_S=240 \"$PROGRAM\" --bench | tee /tmp/bench.out && ! grep -q 'SKIPPED' /tmp/bench.out && grep -q '| osso/qemu | start to SUCCESS: ONLINE |' /tmp/bench.out && grep -q '| osso | start to ready (boot timer) |' /tmp/bench.out",
             ),
             timeout_s: 1800,
         },
