@@ -46,6 +46,16 @@ pub enum Error {
          guest user space, so a job cannot run here; run jobs on a host with hardware KVM"
     )]
     NoGuestUserSpace,
+    /// A job ([`crate::run`]) did not finish within its timeout (counted
+    /// from the guest being ready); its VM has been stopped.
+    #[error(
+        "the job did not finish within {timeout:?} of the guest being ready; its VM was \
+         stopped; last console lines:\n{console_tail}"
+    )]
+    JobTimeout {
+        timeout: Duration,
+        console_tail: String,
+    },
     /// A job ran but its result could not be read.
     #[error("job: {0}")]
     Job(#[from] crate::job::JobError),

@@ -22,6 +22,12 @@ use std::io::Read;
 use base64::Engine;
 use osso_guest::cpio::Archive;
 
+/// The most console bytes [`crate::run`] keeps for a job's VM (at least;
+/// a larger [`crate::Config::console_limit`] is kept as it is). The result
+/// travels base64-encoded (4 bytes for 3, plus a newline every 76) after the
+/// boot log, so this holds about 12 MiB of stdout and stderr together.
+pub const JOB_CONSOLE_LIMIT: usize = 16 << 20;
+
 /// Errors from preparing a job or reading its result.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -38,6 +44,14 @@ pub enum JobError {
     NoResult,
     #[error("the job's result is malformed: {0}")]
     Malformed(String),
+    /// The console dropped lines to stay within its limit, so the result
+    /// is incomplete: the job's output was too large.
+    #[error(
+        "the job's output was too large: its base64 on the console passed the console limit \
+         of {limit} bytes ({dropped_lines} lines dropped); raise Config::console_limit \
+         or write less"
+    )]
+    OutputTooLarge { limit: usize, dropped_lines: u64 },
 }
 
 /// What a job produced.

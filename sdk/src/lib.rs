@@ -61,7 +61,9 @@ pub struct Job {
     pub script: String,
     /// The VM (default: [`Config::default`]; its `ready` is ignored).
     pub config: Config,
-    /// How long the job may take once the guest is ready.
+    /// How long the job may take once the guest is ready, its output
+    /// included (it travels over the serial console); when it passes, the
+    /// VM is stopped and [`run`] fails with [`Error::JobTimeout`].
     pub timeout: Duration,
 }
 
@@ -87,7 +89,11 @@ pub struct JobResult {
 /// Runs `job` in a fresh VM and tears the VM down: the job travels as a small
 /// archive appended to the image's initramfs (no rebuild), runs after the guest
 /// is ready, and its stdout, stderr and exit status come back over the console.
-/// Fails at once under a KVM that cannot run guest user space.
+/// Fails at once under a KVM that cannot run guest user space; with
+/// [`Error::JobTimeout`] when the job outlives [`Job::timeout`]; with
+/// [`job::JobError::OutputTooLarge`] when its output does not fit in the
+/// console kept for it (about 12 MiB of stdout and stderr together, see
+/// [`job::JOB_CONSOLE_LIMIT`]; a larger [`Config::console_limit`] raises it).
 pub fn run(job: Job) -> Result<JobResult, Error> {
     let started = Instant::now();
     if HostKvm::detect() != HostKvm::Hardware {
@@ -95,6 +101,10 @@ pub fn run(job: Job) -> Result<JobResult, Error> {
     }
     let mut config = job.config;
     config.ready = ReadyWhen::BootTimer;
+    // The result comes back base64-encoded over the console, after the boot
+    // log: keep enough of it for a large output (see JOB_CONSOLE_LIMIT).
+    config.console_limit = config.console_limit.max(job::JOB_CONSOLE_LIMIT);
+    let console_limit = config.console_limit;
     config.validate()?;
     let mut files = vm::resolve_image(&config)?;
     let base = files
@@ -115,13 +125,136 @@ pub fn run(job: Job) -> Result<JobResult, Error> {
     files.image.total_bytes = files.image.kernel_bytes + files.image.initramfs_bytes;
     files.initrd = Some(initrd);
     let vm = vm::spawn_files(config, files, Some(scratch), started)?;
-    let exit = vm.wait_timeout(Some(job.timeout));
-    if exit.is_none() {
+    let finished = vm.wait_timeout(Some(job.timeout)).is_some();
+    if !finished {
         vm.kill();
     }
-    let output = prepared.parse(&vm.console().text())?;
+    let output = job_output(
+        &prepared,
+        vm.console(),
+        finished,
+        job.timeout,
+        console_limit,
+    )?;
     Ok(JobResult {
         output,
         metrics: vm.metrics(),
     })
+}
+
+/// The job's result from the console of its VM, which has ended by itself
+/// (`finished`) or was stopped when `timeout` passed. A complete result is
+/// returned even if the VM was stopped (the job finished, the guest was
+/// slow to end); otherwise the error says why there is none: the timeout,
+/// console lines dropped over `limit` (the output was too large), or what
+/// the guest printed.
+fn job_output(
+    prepared: &job::PreparedJob,
+    console: &Console,
+    finished: bool,
+    timeout: Duration,
+    limit: usize,
+) -> Result<JobOutput, Error> {
+    match prepared.parse(&console.text()) {
+        Ok(output) => Ok(output),
+        Err(_) if !finished => Err(Error::JobTimeout {
+            timeout,
+            console_tail: console.tail(20),
+        }),
+        Err(_) if console.dropped_lines() > 0 => Err(job::JobError::OutputTooLarge {
+            limit,
+            dropped_lines: console.dropped_lines(),
+        }
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use base64::Engine;
+
+    use super::*;
+
+    /// A console holding `text`, kept within `limit` bytes.
+    fn console_with(text: &str, limit: usize) -> Console {
+        let c = Console::new(limit, false);
+        c.writer().write_all(text.as_bytes()).unwrap();
+        c
+    }
+
+    /// What the guest's /init prints for a job: the framing around
+    /// `base64 -w 76` of stdout and stderr, after a boot log.
+    fn framed(nonce: &str, stdout: &[u8], stderr: &[u8], status: i32) -> String {
+        let b64 = |b: &[u8]| {
+            let s = base64::engine::general_purpose::STANDARD.encode(b);
+            s.as_bytes()
+                .chunks(76)
+                .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
+                .collect::<String>()
+        };
+        let mut t = "[    0.000000] Linux version 6.12\n".repeat(200);
+        t += &format!("OSSO-JOB {nonce} STDOUT\n{}", b64(stdout));
+        t += &format!("OSSO-JOB {nonce} STDERR\n{}", b64(stderr));
+        t += &format!("OSSO-JOB {nonce} EXIT {status}\nosso: init done, rebooting\n");
+        t
+    }
+
+    fn prepared(nonce: &str) -> job::PreparedJob {
+        job::PreparedJob {
+            initrd: Vec::new(),
+            nonce: nonce.into(),
+        }
+    }
+
+    #[test]
+    fn a_one_mib_job_output_fits_the_job_console_but_not_the_default_one() {
+        let stdout: Vec<u8> = b"0123456789abcde\n".repeat(1 << 16);
+        assert_eq!(stdout.len(), 1 << 20);
+        let text = framed("n1", &stdout, b"err\n", 0);
+        let t = Duration::from_secs(1);
+        let c = console_with(&text, job::JOB_CONSOLE_LIMIT);
+        let out = job_output(&prepared("n1"), &c, true, t, job::JOB_CONSOLE_LIMIT).unwrap();
+        assert_eq!(out.stdout, stdout);
+        assert_eq!((out.stderr.as_slice(), out.status), (&b"err\n"[..], 0));
+        // The default console (1 MiB) drops the start of the output: a
+        // clear error, not a missing result.
+        let limit = Config::default().console_limit;
+        let c = console_with(&text, limit);
+        let e = job_output(&prepared("n1"), &c, true, t, limit).unwrap_err();
+        assert!(
+            matches!(e, Error::Job(job::JobError::OutputTooLarge { limit: l, dropped_lines }) if l == limit && dropped_lines > 0),
+            "{e}"
+        );
+        assert!(e.to_string().contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn a_job_stopped_at_its_timeout_says_so_unless_its_result_is_complete() {
+        let t = Duration::from_secs(7);
+        let limit = job::JOB_CONSOLE_LIMIT;
+        // Stopped before any result: the timeout error, with the console's end.
+        let c = console_with("[    1.0] booting\nSUCCESS: ONLINE\n", limit);
+        let e = job_output(&prepared("n2"), &c, false, t, limit).unwrap_err();
+        match &e {
+            Error::JobTimeout {
+                timeout,
+                console_tail,
+            } => {
+                assert_eq!(*timeout, t);
+                assert!(console_tail.contains("SUCCESS: ONLINE"), "{console_tail}");
+            }
+            other => panic!("wanted JobTimeout, got {other}"),
+        }
+        // Stopped after the whole result was printed: the result.
+        let c = console_with(&framed("n2", b"out\n", b"", 3), limit);
+        let out = job_output(&prepared("n2"), &c, false, t, limit).unwrap();
+        assert_eq!((out.stdout.as_slice(), out.status), (&b"out\n"[..], 3));
+        // Ended by itself with no result: what the framing lacked.
+        let c = console_with("Kernel panic - not syncing\n", limit);
+        let e = job_output(&prepared("n2"), &c, true, t, limit).unwrap_err();
+        assert!(matches!(e, Error::Job(job::JobError::NoResult)), "{e}");
+    }
 }

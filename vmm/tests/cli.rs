@@ -403,3 +403,112 @@ fn hostile_command_lines_initrds_and_busy_ports_are_refused_cleanly() {
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     }
 }
+
+/// The real Osso image booted by the binary with the user network: the
+/// guest's `/init` pings its gateway (10.0.2.2, the VMM's own user-mode
+/// stack: nothing leaves the process), says `SUCCESS: ONLINE`, writes the
+/// boot timer and reboots, and osso-vmm exits 0. Needs a KVM that runs guest
+/// user space (SKIPPED under PVM, see `osso_testkit`) and the image
+/// (`OSSO_KERNEL` / `OSSO_INITRD`, or the guest build cache).
+#[test]
+fn cli_boots_the_image_and_init_goes_online() {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    const T: &str = "cli_boots_the_image_and_init_goes_online";
+    // Generous: nested KVM boots this in about 5 s, hardware in well under 1.
+    const VMM_TIMEOUT_S: &str = "540";
+    const KILL_AFTER: Duration = Duration::from_secs(600);
+    if !osso_testkit::require_guest_user_space(T) {
+        return;
+    }
+    let Some((kernel, initrd)) = osso_testkit::require(
+        T,
+        common::find_image().ok_or("no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("metrics.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_osso-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--net", "user", "--no-stdin", "--timeout", VMM_TIMEOUT_S])
+        .arg("--metrics-json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("osso-vmm starts");
+    // Each pipe is read to its end on a thread of its own; stdout's end (the
+    // process closed it by exiting) is the event the test waits for.
+    let (ended, end) = std::sync::mpsc::channel();
+    let mut out = child.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        let _ = ended.send(());
+        b
+    });
+    let mut err = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let overran = end.recv_timeout(KILL_AFTER).is_err();
+    if overran {
+        // Killed by its pid (the Child handle), then reaped below.
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("wait for osso-vmm");
+    let out = String::from_utf8_lossy(&stdout.join().unwrap()).into_owned();
+    let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let tail: String = {
+        let lines: Vec<&str> = out.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    assert!(
+        !overran,
+        "osso-vmm still ran after {KILL_AFTER:?} (killed); stderr: {err}\nconsole:\n{tail}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the guest ends by itself; stderr: {err}\nconsole:\n{tail}"
+    );
+    for line in [
+        "Run /init as init process",
+        "init started",
+        "SUCCESS: ONLINE",
+        "osso: init done, rebooting",
+    ] {
+        assert!(out.contains(line), "{line:?} on the console:\n{tail}");
+    }
+    assert!(!out.contains("FAIL: offline"), "{tail}");
+    assert!(!out.contains("Kernel panic"), "{tail}");
+    assert!(err.contains("osso-vmm: guest ended: reset"), "{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("metrics JSON written"))
+            .unwrap();
+    assert_eq!(m["exit_reason"], "reset", "{m}");
+    let us = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("{k} in {m}"));
+    let (first_run, init, ready) = (
+        us("first_kvm_run_us"),
+        us("init_started_us"),
+        us("boot_timer_us"),
+    );
+    assert!(
+        first_run <= init && init <= ready && ready <= us("end_us"),
+        "first KVM_RUN {first_run} us <= /init {init} us <= boot timer {ready} us <= end: {m}"
+    );
+    eprintln!(
+        "{T}: /init at {:.2} s, ready (boot timer) at {:.2} s",
+        init as f64 / 1e6,
+        ready as f64 / 1e6
+    );
+}
