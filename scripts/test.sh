@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (the README names it; .ci/run runs it).
-#   1. formatting and lints
+#   1. formatting and lints, and the static (musl) build
 #   2. the guest image, built or reused from the cache (osso-guest build)
 #   3. every test in the workspace, with the end-to-end layers required: a
 #      layer that cannot run on this machine says SKIPPED with its reason
@@ -23,6 +23,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
+echo "== musl build"
+cargo build --workspace --release --target x86_64-unknown-linux-musl
 echo "== guest image"
 t0=$SECONDS
 cargo run -q -p osso-guest --release -- build --quiet

@@ -311,17 +311,20 @@ mod tests {
     }
 
     /// GNU cpio (`cpio -t`) lists the same entries. Needs the `cpio` package,
-    /// which `.ci/run` installs; reported as skipped where it is absent.
+    /// which `.ci/run` installs; where it is absent, skipped, or failed under
+    /// `OSSO_REQUIRE_E2E=1` (`osso_testkit`).
     #[test]
     fn gnu_cpio_lists_the_same_entries() {
-        let Ok(mut child) = Command::new("cpio")
-            .args(["-t", "--quiet"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-        else {
-            eprintln!("SKIPPED: GNU cpio is not installed (apt-get install cpio)");
+        let Some(mut child) = osso_testkit::require(
+            "gnu_cpio_lists_the_same_entries",
+            Command::new("cpio")
+                .args(["-t", "--quiet"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("GNU cpio does not run ({e}); apt-get install cpio")),
+        ) else {
             return;
         };
         let bytes = sample().to_bytes().unwrap();

@@ -7,27 +7,22 @@
 //! Needs a built image (`cargo run -p osso-guest --release -- build`) and
 //! `qemu-system-x86_64`. Without them the test says SKIPPED, unless
 //! `OSSO_REQUIRE_E2E=1` (set by the project's test command), where it fails.
+//! The rule is `osso_testkit`'s.
 
 use std::time::Duration;
 
-fn skip_or_fail(reason: &str) {
-    if std::env::var("OSSO_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("required end-to-end layer cannot run: {reason}");
-    }
-    eprintln!("SKIPPED qemu_tcg_boot: {reason}");
-}
-
-/// The built image, or None (after skip_or_fail) when it or QEMU is missing.
-fn image_and_qemu() -> Option<osso_guest::Image> {
-    let image = match osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)) {
-        Ok(i) => i,
-        Err(e) => {
-            skip_or_fail(&e.to_string());
-            return None;
-        }
-    };
+/// The built image, or None (after `osso_testkit::skip_or_fail` for the
+/// check `check`) when it or QEMU is missing.
+fn image_and_qemu(check: &str) -> Option<osso_guest::Image> {
+    let image = osso_testkit::require(
+        check,
+        osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)),
+    )?;
     if !osso_guest::tools::on_path("qemu-system-x86_64") {
-        skip_or_fail("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        osso_testkit::skip_or_fail(
+            check,
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
+        );
         return None;
     }
     Some(image)
@@ -35,7 +30,7 @@ fn image_and_qemu() -> Option<osso_guest::Image> {
 
 #[test]
 fn with_osso_stay_init_stays_up_after_ready() {
-    let Some(image) = image_and_qemu() else {
+    let Some(image) = image_and_qemu("with_osso_stay_init_stays_up_after_ready") else {
         return;
     };
     // Ready takes about 2 s under TCG here; then init must not end the VM.
@@ -64,7 +59,7 @@ fn with_osso_stay_init_stays_up_after_ready() {
 
 #[test]
 fn image_boots_under_qemu_tcg_and_goes_online() {
-    let Some(image) = image_and_qemu() else {
+    let Some(image) = image_and_qemu("image_boots_under_qemu_tcg_and_goes_online") else {
         return;
     };
     let limit = Duration::from_secs(60);

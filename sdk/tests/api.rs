@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{kvm_or_skip, tiny_kernel, Then};
+use common::{tiny_kernel, Then};
 use osso_sdk::{Config, Error, ReadyWhen};
 use osso_vmm::ExitReason;
 
@@ -20,7 +20,7 @@ fn tiny(dir: &std::path::Path, name: &str, msg: &str, then: Then) -> osso_sdk::C
 
 #[test]
 fn spawn_waits_for_ready_and_reports_console_metrics_and_exit() {
-    if !kvm_or_skip("spawn_waits_for_ready") {
+    if !osso_testkit::require_kvm("spawn_waits_for_ready") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -59,7 +59,7 @@ fn spawn_waits_for_ready_and_reports_console_metrics_and_exit() {
 
 #[test]
 fn eight_vms_from_eight_threads_each_with_its_own_console_and_metrics() {
-    if !kvm_or_skip("eight_vms") {
+    if !osso_testkit::require_kvm("eight_vms") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +103,7 @@ fn eight_vms_from_eight_threads_each_with_its_own_console_and_metrics() {
 
 #[test]
 fn boot_timeout_stops_a_guest_that_never_gets_ready() {
-    if !kvm_or_skip("boot_timeout") {
+    if !osso_testkit::require_kvm("boot_timeout") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -128,7 +128,7 @@ fn boot_timeout_stops_a_guest_that_never_gets_ready() {
 
 #[test]
 fn kernel_panic_then_reset_is_reported_as_a_panic() {
-    if !kvm_or_skip("kernel_panic") {
+    if !osso_testkit::require_kvm("kernel_panic") {
         return;
     }
     // What a kernel with panic=-1 does: the panic line, then an immediate reset.
@@ -158,7 +158,7 @@ fn kernel_panic_then_reset_is_reported_as_a_panic() {
 
 #[test]
 fn lifetime_ends_a_running_guest_with_reason_timeout() {
-    if !kvm_or_skip("lifetime") {
+    if !osso_testkit::require_kvm("lifetime") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +214,7 @@ fn bad_configurations_get_clear_errors() {
         let err = osso_sdk::spawn(cfg.clone()).expect_err(&format!("{cfg:?} must fail"));
         assert!(err.to_string().contains(needle), "{cfg:?}: {err}");
     }
-    if !kvm_or_skip("bad_kernels") {
+    if !osso_testkit::require_kvm("bad_kernels") {
         return;
     }
     for k in [&garbage, &empty] {
@@ -228,14 +228,32 @@ fn bad_configurations_get_clear_errors() {
     }
 }
 
+/// `run` under hardware KVM runs a real job in a fresh VM and brings back
+/// its stdout and exit status; under any other KVM (or none) it refuses at
+/// once, before booting anything.
 #[test]
-fn run_refuses_at_once_without_hardware_kvm() {
-    if osso_sdk::HostKvm::detect() == osso_sdk::HostKvm::Hardware {
-        eprintln!("SKIPPED run_refuses: this host has hardware KVM (run works here)");
+fn run_runs_a_job_on_hardware_kvm_and_refuses_at_once_elsewhere() {
+    const T: &str = "run_runs_a_job_on_hardware_kvm_and_refuses_at_once_elsewhere";
+    if osso_testkit::Kvm::detect() != osso_testkit::Kvm::Hardware {
+        let t = Instant::now();
+        let err = osso_sdk::run(osso_sdk::Job::new("true")).expect_err("no guest user space here");
+        assert!(matches!(err, Error::NoGuestUserSpace), "{err}");
+        assert!(t.elapsed() < Duration::from_millis(500), "failed at once");
         return;
     }
-    let t = Instant::now();
-    let err = osso_sdk::run(osso_sdk::Job::new("true")).expect_err("no guest user space here");
-    assert!(matches!(err, Error::NoGuestUserSpace), "{err}");
-    assert!(t.elapsed() < Duration::from_millis(500), "failed at once");
+    // The built image, named explicitly: never a build hidden in a test.
+    let Some(image) = osso_testkit::require(
+        T,
+        osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)),
+    ) else {
+        return;
+    };
+    let mut job = osso_sdk::Job::new("echo ran; exit 3");
+    job.config = Config::builder()
+        .custom_image(image.vmlinux(), Some(image.initramfs().to_path_buf()))
+        .build();
+    let done = osso_sdk::run(job).expect("the job runs");
+    assert_eq!(done.output.stdout_text(), "ran\n");
+    assert_eq!(done.output.stderr_text(), "");
+    assert_eq!(done.output.status, 3);
 }

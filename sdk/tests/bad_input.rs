@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{fd_count, kvm_or_skip, thread_count, tiny_elf, tiny_kernel, Then};
+use common::{fd_count, thread_count, tiny_elf, tiny_kernel, Then};
 use osso_sdk::{Config, Error};
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -25,7 +25,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn bad_input_is_refused_and_leaves_nothing_behind() {
-    if !kvm_or_skip("bad_input") {
+    if !osso_testkit::require_kvm("bad_input") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{fd_count, kvm_or_skip, thread_count, tiny_kernel, Then};
+use common::{fd_count, thread_count, tiny_kernel, Then};
 use osso_sdk::Config;
 
 /// Resident set of this process, bytes (VmRSS).
@@ -111,7 +111,7 @@ fn cycles(n: usize) {
 
 #[test]
 fn spawn_teardown_200_cycles_leave_nothing_behind() {
-    if !kvm_or_skip("cycles") {
+    if !osso_testkit::require_kvm("cycles") {
         return;
     }
     cycles(200);
@@ -120,7 +120,7 @@ fn spawn_teardown_200_cycles_leave_nothing_behind() {
 #[test]
 #[ignore = "1,000 cycles (about a minute): cargo test -p osso-sdk --release --test cycles -- --ignored"]
 fn spawn_teardown_1000_cycles_leave_nothing_behind() {
-    if !kvm_or_skip("cycles_1000") {
+    if !osso_testkit::require_kvm("cycles_1000") {
         return;
     }
     let n = std::env::var("OSSO_CYCLES")

@@ -4,25 +4,25 @@
 //! console in the framing `osso_sdk::job` reads. Under Osso's own VMM this path
 //! needs hardware KVM; the guest image and the framing are proven here.
 //!
-//! SKIPPED without a built image or QEMU, unless `OSSO_REQUIRE_E2E=1`.
+//! SKIPPED without a built image or QEMU, unless `OSSO_REQUIRE_E2E=1`
+//! (`osso_testkit`).
 
 use std::time::Duration;
 
-fn skip_or_fail(reason: &str) {
-    if std::env::var("OSSO_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("required end-to-end layer cannot run: {reason}");
-    }
-    eprintln!("SKIPPED job_qemu_tcg: {reason}");
-}
-
 #[test]
 fn job_output_and_status_come_back_over_the_console() {
-    let image = match osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)) {
-        Ok(i) => i,
-        Err(e) => return skip_or_fail(&e.to_string()),
+    const T: &str = "job_output_and_status_come_back_over_the_console";
+    let Some(image) = osso_testkit::require(
+        T,
+        osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)),
+    ) else {
+        return;
     };
     if !osso_guest::tools::on_path("qemu-system-x86_64") {
-        return skip_or_fail("qemu-system-x86_64 is not installed");
+        return osso_testkit::skip_or_fail(
+            T,
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
+        );
     }
     let script = "echo \"hello from $(uname -s)\"\nls /osso\necho 'to stderr' >&2\nexit 7\n";
     let job = osso_sdk::job::prepare_from_file(image.initramfs(), script).expect("prepare job");

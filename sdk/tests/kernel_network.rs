@@ -11,9 +11,8 @@
 //!
 //! Slow under PVM (about a minute of emulated boot each). SKIPPED without
 //! /dev/kvm, a built image, or (TAP only) root and `ip`, unless
-//! `OSSO_REQUIRE_E2E=1`, where a missing prerequisite fails the test.
-
-mod common;
+//! `OSSO_REQUIRE_E2E=1`, where a missing prerequisite fails the test (the
+//! rule is `osso_testkit`'s).
 
 use std::process::Command;
 use std::time::Duration;
@@ -23,21 +22,14 @@ use osso_sdk::{Config, ReadyWhen};
 use osso_sdk::PARKED_KERNEL_CMDLINE as PARKED;
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 
-fn require(test: &str, ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("OSSO_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("{test}: {reason}");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-    false
-}
-
-fn image_built() -> Result<osso_guest::Image, String> {
-    osso_guest::BuildOptions::from_env()
-        .and_then(|o| osso_guest::find(&o))
-        .map_err(|e| e.to_string())
+/// The built image, or `None` after `osso_testkit::skip_or_fail`.
+fn image_built(check: &str) -> Option<osso_guest::Image> {
+    osso_testkit::require(
+        check,
+        osso_guest::BuildOptions::from_env()
+            .and_then(|o| osso_guest::find(&o))
+            .map_err(|e| format!("no image: {e}")),
+    )
 }
 
 /// The image's kernel alone: the parked kernel never runs an init, so the
@@ -57,15 +49,11 @@ fn median_ms(mut v: Vec<Duration>) -> f64 {
 #[test]
 fn parked_kernel_answers_ping_and_tcp_through_the_user_network() {
     const T: &str = "kernel_user_network";
-    if !common::kvm_or_skip(T) {
+    if !osso_testkit::require_kvm(T) {
         return;
     }
-    let image = match image_built() {
-        Ok(i) => i,
-        Err(e) => {
-            require(T, false, &format!("no image: {e}"));
-            return;
-        }
+    let Some(image) = image_built(T) else {
+        return;
     };
     let vm = osso_sdk::spawn(
         parked_kernel(&image)
@@ -141,27 +129,23 @@ impl Drop for Netns {
 #[test]
 fn parked_kernel_answers_ping_and_tcp_through_tap_in_a_private_namespace() {
     const T: &str = "kernel_tap_network";
-    if !common::kvm_or_skip(T) {
+    if !osso_testkit::require_kvm(T) {
         return;
     }
-    let image = match image_built() {
-        Ok(i) => i,
-        Err(e) => {
-            require(T, false, &format!("no image: {e}"));
-            return;
-        }
+    let Some(image) = image_built(T) else {
+        return;
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !require(
-        T,
-        root,
-        "needs root to create a network namespace and a TAP device",
-    ) {
+    if !root {
+        osso_testkit::skip_or_fail(
+            T,
+            "needs root to create a network namespace and a TAP device",
+        );
         return;
     }
     let Some(ns) = Netns::create() else {
-        require(T, false, "`ip netns add` failed (iproute2 missing?)");
+        osso_testkit::skip_or_fail(T, "`ip netns add` failed (iproute2 missing?)");
         return;
     };
     // The VM is created on a thread inside the namespace, so its TAP device
@@ -246,14 +230,10 @@ fn parked_kernel_answers_ping_and_tcp_through_tap_in_a_private_namespace() {
 #[test]
 fn guest_init_goes_online_on_hardware_kvm() {
     const T: &str = "guest_init_online";
-    let host = osso_sdk::HostKvm::detect();
-    if host != osso_sdk::HostKvm::Hardware {
-        // Not a missing prerequisite: this host's KVM cannot run guest user space.
-        eprintln!("SKIPPED {T}: needs hardware KVM to run guest user space; this host has {host}");
+    if !osso_testkit::require_guest_user_space(T) {
         return;
     }
-    let built = image_built();
-    if !require(T, built.is_ok(), &format!("no image: {:?}", built.err())) {
+    if image_built(T).is_none() {
         return;
     }
     let vm = osso_sdk::spawn(

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fd_count, kvm_or_skip, thread_count, tiny_kernel, Then};
+use common::{fd_count, thread_count, tiny_kernel, Then};
 use osso_sdk::{Config, Error, Pool, ReadyWhen};
 use osso_vmm::snapshot::format::{MEMORY_FILE, STATE_FILE};
 use osso_vmm::ExitReason;
@@ -33,7 +33,7 @@ fn idle_guest(dir: &std::path::Path) -> osso_sdk::ConfigBuilder {
 
 #[test]
 fn a_snapshot_restores_into_clones_that_run_and_report_restore_metrics() {
-    if !kvm_or_skip("a_snapshot_restores_into_clones") {
+    if !osso_testkit::require_kvm("a_snapshot_restores_into_clones") {
         return;
     }
     let _one_at_a_time = serial();
@@ -119,7 +119,7 @@ fn a_snapshot_restores_into_clones_that_run_and_report_restore_metrics() {
 
 #[test]
 fn restore_refuses_missing_corrupt_and_truncated_snapshots() {
-    if !kvm_or_skip("restore_refuses_bad_snapshots") {
+    if !osso_testkit::require_kvm("restore_refuses_bad_snapshots") {
         return;
     }
     let _one_at_a_time = serial();
@@ -175,7 +175,7 @@ fn restore_refuses_missing_corrupt_and_truncated_snapshots() {
 
 #[test]
 fn a_snapshot_with_a_network_device_needs_a_network_to_restore() {
-    if !kvm_or_skip("a_snapshot_with_a_network_device") {
+    if !osso_testkit::require_kvm("a_snapshot_with_a_network_device") {
         return;
     }
     let _one_at_a_time = serial();
@@ -207,7 +207,7 @@ fn a_snapshot_with_a_network_device_needs_a_network_to_restore() {
 
 #[test]
 fn a_warm_pool_hands_out_ready_clones_and_cleans_up() {
-    if !kvm_or_skip("a_warm_pool_hands_out_ready_clones") {
+    if !osso_testkit::require_kvm("a_warm_pool_hands_out_ready_clones") {
         return;
     }
     let _one_at_a_time = serial();
@@ -256,22 +256,38 @@ fn a_warm_pool_hands_out_ready_clones_and_cleans_up() {
 
 #[test]
 fn a_warm_pool_replaces_clones_that_ended_while_waiting() {
-    if !kvm_or_skip("a_warm_pool_replaces_clones_that_ended") {
+    if !osso_testkit::require_kvm("a_warm_pool_replaces_clones_that_ended") {
         return;
     }
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
-    // Every clone lives 300 ms: those waiting in the pool end and must be
-    // replaced by fresh ones.
-    let config = idle_guest(dir.path())
+    let snap = dir.path().join("snap");
+    // The template has no lifetime: however slow this host, it cannot end
+    // before its snapshot is taken.
+    let template = osso_sdk::spawn(idle_guest(dir.path()).no_network().build()).expect("template");
+    template.snapshot(&snap).expect("snapshot");
+    drop(template);
+    // Every clone lives 300 ms from the start of its own restore: those
+    // waiting in the pool end and must be replaced by fresh ones.
+    let clones = idle_guest(dir.path())
         .no_network()
         .lifetime(Duration::from_millis(300))
         .build();
-    let pool = Pool::boot(config, 2).expect("pool");
+    let pool = Pool::from_snapshot(&snap, clones.clone(), 2).expect("pool");
     assert_eq!(pool.wait_ready(2, Duration::from_secs(10)).unwrap(), 2);
     for round in 0..3 {
-        std::thread::sleep(Duration::from_millis(500));
-        // The refill thread prunes and restores within a few hundred ms.
+        // A witness restored now ends after every clone already waiting in
+        // the pool (each ends 300 ms after its restore began, and theirs
+        // began before this one): once it has ended, so have they. Waiting
+        // for that event, not for a fixed time, holds at any CPU speed.
+        let witness = osso_sdk::restore(&snap, clones.clone()).expect("a witness clone");
+        let exit = witness.wait();
+        assert_eq!(
+            exit.reason,
+            ExitReason::Timeout,
+            "round {round}: the witness ended by its lifetime"
+        );
+        // The refill thread prunes the ended clones and restores new ones.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while pool.ready_count() < 1 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

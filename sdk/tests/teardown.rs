@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{fd_count, kvm_or_skip, thread_count, tiny_kernel, Then};
+use common::{fd_count, thread_count, tiny_kernel, Then};
 use osso_sdk::Config;
 
 /// The tests here count the process's threads and fds: one at a time.
@@ -41,7 +41,7 @@ fn assert_back_to(test: &str, threads: usize, fds: usize) {
 
 #[test]
 fn drop_releases_threads_and_fds() {
-    if !kvm_or_skip("drop_releases") {
+    if !osso_testkit::require_kvm("drop_releases") {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -71,7 +71,7 @@ fn drop_releases_threads_and_fds() {
 
 #[test]
 fn background_teardown_releases_everything_once_the_reaper_is_done() {
-    if !kvm_or_skip("background_teardown") {
+    if !osso_testkit::require_kvm("background_teardown") {
         return;
     }
     // Not beside the other test: both count the process's threads and fds.

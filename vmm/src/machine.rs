@@ -255,7 +255,7 @@ struct Shared {
     stop: AtomicBool,
     end_us: OnceLock<u64>,
     /// The vCPU threads to kick; emptied before they are joined.
-    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    vcpu_threads: Mutex<Vec<PthreadKick>>,
     exit_evt: EventFd,
     timeline: Arc<Timeline>,
     /// Snapshot support: vCPUs park while this is set (see [`Machine::resume`]).
@@ -277,14 +277,27 @@ struct ParkState {
     saved: Vec<Option<Result<crate::snapshot::VcpuState, String>>>,
 }
 
-struct PthreadKick(libc::pthread_t);
+/// A vCPU thread to kick, by the id std gives (`RawPthread`: an integer on
+/// every Linux libc, so this is `Send` and `Sync` as it is). libc's
+/// `pthread_t` is an integer on glibc but a pointer on musl: the id becomes
+/// one only at the `pthread_kill`.
+#[derive(Clone, Copy)]
+struct PthreadKick(std::os::unix::thread::RawPthread);
 
-// SAFETY: the pthread_t comes from a vCPU thread's JoinHandle and is only used
+impl PthreadKick {
+    fn of<T>(h: &JoinHandle<T>) -> Self {
+        PthreadKick(std::os::unix::thread::JoinHandleExt::as_pthread_t(h))
+    }
+}
+
+// SAFETY: the id comes from a vCPU thread's JoinHandle and is only used
 // while `Shared::vcpu_threads` holds it, which is cleared (under its mutex)
-// before those threads are joined, so the handle is always valid.
+// before those threads are joined, so the handle is always valid. The cast
+// gives back the value the C library handed to std (on musl, the pointer it
+// was made from).
 unsafe impl Killable for PthreadKick {
     fn pthread_handle(&self) -> libc::pthread_t {
-        self.0
+        self.0 as libc::pthread_t
     }
 }
 
@@ -323,7 +336,7 @@ impl Shared {
     fn kick_all(&self) {
         let threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
         for t in threads.iter() {
-            if let Err(e) = PthreadKick(*t).kill(vcpu_kick_signal()) {
+            if let Err(e) = t.kill(vcpu_kick_signal()) {
                 tracing::debug!(%e, "kick vCPU");
             }
         }
@@ -763,7 +776,7 @@ impl MachineBuilder {
                         return Err(e);
                     }
                 };
-                threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&h));
+                threads.push(PthreadKick::of(&h));
                 handles.push(h);
             }
         }

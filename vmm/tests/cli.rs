@@ -28,19 +28,6 @@ fn temp_with(bytes: &[u8]) -> tempfile::NamedTempFile {
     f
 }
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIPPED: /dev/kvm is not available");
-        return false;
-    }
-    true
-}
-
 /// 32-bit protected mode, loaded and entered at 2 MiB through PVH.
 const PADDR: u64 = 0x20_0000;
 
@@ -95,7 +82,7 @@ fn bad_input_exits_2_with_one_line_naming_the_problem() {
 
 #[test]
 fn over_long_command_line_and_missing_initrd() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("over_long_command_line_and_missing_initrd") {
         return;
     }
     let k = temp_with(&elf_kernel(PADDR, &hello_and_reset(), Some(PADDR as u32)));
@@ -111,7 +98,7 @@ fn over_long_command_line_and_missing_initrd() {
 
 #[test]
 fn guest_reset_exits_0_with_console_and_metrics() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("guest_reset_exits_0_with_console_and_metrics") {
         return;
     }
     let k = temp_with(&elf_kernel(PADDR, &hello_and_reset(), Some(PADDR as u32)));
@@ -141,7 +128,7 @@ fn guest_reset_exits_0_with_console_and_metrics() {
 
 #[test]
 fn timeout_exits_1_with_the_reason() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("timeout_exits_1_with_the_reason") {
         return;
     }
     // `jmp $` (EB FE): spins until the timeout.
@@ -168,7 +155,7 @@ fn bad_network_options_exit_2_naming_the_problem() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("bad_network_options_exit_2_naming_the_problem") {
         return;
     }
     // A forward whose host port is taken, and forwards without the user network.
@@ -191,7 +178,7 @@ fn bad_network_options_exit_2_naming_the_problem() {
 
 #[test]
 fn user_network_guest_runs_and_forwards_are_reported() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("user_network_guest_runs_and_forwards_are_reported") {
         return;
     }
     let kernel = temp_with(&elf_kernel(PADDR, &hello_and_reset(), Some(PADDR as u32)));
@@ -223,7 +210,7 @@ fn user_network_guest_runs_and_forwards_are_reported() {
 
 #[test]
 fn kernel_panic_then_reset_exits_1_saying_guest_kernel_panic() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("kernel_panic_then_reset_exits_1_saying_guest_kernel_panic") {
         return;
     }
     // A kernel with panic=-1 prints the panic line and resets at once.
@@ -350,7 +337,9 @@ fn hostile_kernels_initrds_and_sizes_are_refused_cleanly() {
 
 #[test]
 fn hostile_command_lines_initrds_and_busy_ports_are_refused_cleanly() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm(
+        "hostile_command_lines_initrds_and_busy_ports_are_refused_cleanly",
+    ) {
         return;
     }
     let k = temp_with(&elf_kernel(PADDR, &hello_and_reset(), Some(PADDR as u32)));

@@ -4,7 +4,8 @@
 //! unclaimed ports), MMIO (boot timer, unmapped addresses), triple faults,
 //! host stops and timeouts, in real, protected and long mode.
 //!
-//! Without `/dev/kvm` each test prints `SKIPPED: <reason>` and returns.
+//! Without `/dev/kvm` each test prints `SKIPPED <test>: <reason>` and returns,
+//! or fails under `OSSO_REQUIRE_E2E=1` (see `osso_testkit`).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{elf_kernel, kvm_available, Console};
+use common::{elf_kernel, Console};
 use osso_vmm::layout::BOOT_TIMER_ADDR;
 use osso_vmm::{CpuMode, ExitReason, MachineBuilder, RunOutcome, VmConfig};
 
@@ -143,7 +144,7 @@ fn run(asm: &Asm) -> (RunOutcome, Console) {
 
 #[test]
 fn uart_output_reaches_the_host_in_protected_mode() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("uart_output_reaches_the_host_in_protected_mode") {
         return;
     }
     let mut a = Asm::new(CpuMode::Protected32);
@@ -166,7 +167,7 @@ fn uart_output_reaches_the_host_in_protected_mode() {
 
 #[test]
 fn uart_output_in_real_mode() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("uart_output_in_real_mode") {
         return;
     }
     let mut a = Asm::new(CpuMode::Real);
@@ -178,7 +179,7 @@ fn uart_output_in_real_mode() {
 
 #[test]
 fn uart_output_in_long_mode() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("uart_output_in_long_mode") {
         return;
     }
     // Long mode needs the GDT and the identity page tables the VMM writes.
@@ -195,7 +196,7 @@ fn uart_output_in_long_mode() {
 
 #[test]
 fn console_input_reaches_the_guest() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("console_input_reaches_the_guest") {
         return;
     }
     let mut a = Asm::new(CpuMode::Protected32);
@@ -244,7 +245,7 @@ impl osso_vmm::BusDevice for Probe {
 
 #[test]
 fn mmio_device_slot_irq_cmdline_and_ioeventfd() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("mmio_device_slot_irq_cmdline_and_ioeventfd") {
         return;
     }
     // The first virtio-mmio slot is at a fixed address (see `layout`).
@@ -305,7 +306,7 @@ fn mmio_device_slot_irq_cmdline_and_ioeventfd() {
 
 #[test]
 fn boot_timer_records_only_123() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("boot_timer_records_only_123") {
         return;
     }
     let mut a = Asm::new(CpuMode::Protected32);
@@ -331,7 +332,7 @@ fn boot_timer_records_only_123() {
 
 #[test]
 fn triple_fault_is_a_reset() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("triple_fault_is_a_reset") {
         return;
     }
     // The boot IDT holds one empty descriptor: #UD cannot be delivered, nor
@@ -345,7 +346,7 @@ fn triple_fault_is_a_reset() {
 
 #[test]
 fn unmapped_mmio_and_pio_are_survived() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("unmapped_mmio_and_pio_are_survived") {
         return;
     }
     let mut a = Asm::new(CpuMode::Protected32);
@@ -371,7 +372,7 @@ fn unmapped_mmio_and_pio_are_survived() {
 
 #[test]
 fn host_stop_ends_a_spinning_guest_promptly() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("host_stop_ends_a_spinning_guest_promptly") {
         return;
     }
     let mut a = Asm::new(CpuMode::Protected32);
@@ -403,7 +404,7 @@ fn host_stop_ends_a_spinning_guest_promptly() {
 
 #[test]
 fn timeout_fires() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("timeout_fires") {
         return;
     }
     let mut a = Asm::new(CpuMode::Protected32);
@@ -421,7 +422,7 @@ fn timeout_fires() {
 
 #[test]
 fn two_vcpus_boot_on_the_bsp() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("two_vcpus_boot_on_the_bsp") {
         return;
     }
     let mut a = Asm::new(CpuMode::Protected32);
@@ -483,7 +484,7 @@ fn boot_file(bytes: &[u8]) -> (RunOutcome, Console) {
 
 #[test]
 fn pvh_entry_gets_start_info_and_cmdline() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("pvh_entry_gets_start_info_and_cmdline") {
         return;
     }
     // Entered in 32-bit protected mode with EBX = hvm_start_info.
@@ -508,7 +509,7 @@ fn pvh_entry_gets_start_info_and_cmdline() {
 
 #[test]
 fn elf_without_pvh_note_gets_the_64bit_entry() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("elf_without_pvh_note_gets_the_64bit_entry") {
         return;
     }
     // Entered in long mode with RSI = the zero page.
@@ -529,7 +530,7 @@ fn elf_without_pvh_note_gets_the_64bit_entry() {
 
 #[test]
 fn bzimage_gets_the_64bit_entry_at_load_plus_0x200() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("bzimage_gets_the_64bit_entry_at_load_plus_0x200") {
         return;
     }
     let mut a = Asm::new(CpuMode::Long64);

@@ -4,12 +4,15 @@
 //!
 //! The kernel and initramfs come from `OSSO_KERNEL` / `OSSO_INITRD`, or the
 //! first directory of `~/.cache/osso/images/` holding `vmlinux` and
-//! `initramfs.cpio.gz`; without them the test prints SKIPPED.
+//! `initramfs.cpio.gz`; without them (or without /dev/kvm) the test prints
+//! SKIPPED, or fails under `OSSO_REQUIRE_E2E=1` (see `osso_testkit`).
 //!
 //! Under PVM the guest cannot run user space: `/init` dies on its first
 //! system call, the kernel panics and (`panic=-1`) resets. The test checks the
-//! banner, the hand-off line and a clean end, and says it could not check the
-//! boot timer. On hardware KVM it also expects the boot timer.
+//! banner, the hand-off line and a clean end; the boot timer, which needs
+//! guest user space, goes through
+//! `osso_testkit::require_guest_user_space`. On hardware KVM it also expects
+//! the boot timer.
 
 mod common;
 
@@ -19,27 +22,21 @@ use common::Console;
 
 use osso_vmm::{ExitReason, VmConfig};
 
-/// Prints SKIPPED, or fails where the project's test command requires this
-/// layer (`OSSO_REQUIRE_E2E=1`).
-fn skip_or_fail(reason: &str) {
-    if std::env::var("OSSO_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("required layer cannot run: {reason}");
-    }
-    println!("SKIPPED: {reason}");
-}
-
 #[test]
 #[ignore = "boots a real kernel: about a minute under PVM"]
 fn osso_kernel_boots_to_init() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        skip_or_fail("/dev/kvm does not exist on this host");
+    const T: &str = "osso_kernel_boots_to_init";
+    if !osso_testkit::require_kvm(T) {
         return;
     }
     let Some((kernel, initrd)) = common::find_image() else {
-        skip_or_fail("no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)");
+        osso_testkit::skip_or_fail(
+            T,
+            "no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)",
+        );
         return;
     };
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let pvm = osso_testkit::Kvm::detect() == osso_testkit::Kvm::Pvm;
     let console = Console::default();
     let mut cfg = VmConfig::kernel(kernel, Some(initrd));
     cfg.console = Box::new(console.clone());
@@ -60,9 +57,10 @@ fn osso_kernel_boots_to_init() {
         // resets: reported as a panic, with the time of the panic line.
         assert_eq!(out.exit, ExitReason::Panic, "panic=-1 resets:\n{text}");
         assert!(out.metrics.kernel_panic_us.is_some());
-        println!(
-            "NOT CHECKED: the boot timer and a clean reboot from user space \
-             (this host's KVM is PVM, which cannot run guest user space)"
+        // The rest needs guest user space: said as a skip (or a failure
+        // under OSSO_REQUIRE_E2E=1 unless deferred to layer 5).
+        osso_testkit::require_guest_user_space(
+            "osso_kernel_boots_to_init: the boot timer and a clean reboot from user space",
         );
     } else {
         assert!(!text.contains("noxsave"));

@@ -4,14 +4,15 @@
 //! must go on counting from where the original was (registers and memory
 //! preserved), and clones must share the snapshot's memory pages.
 //!
-//! Without `/dev/kvm` each test prints `SKIPPED: <reason>` and returns.
+//! Without `/dev/kvm` each test prints `SKIPPED <test>: <reason>` and returns,
+//! or fails under `OSSO_REQUIRE_E2E=1` (see `osso_testkit`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{kvm_available, Console};
+use common::Console;
 use osso_vmm::snapshot::{self, RestoreOptions, SnapshotError};
 use osso_vmm::{CpuMode, MachineBuilder, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
@@ -81,7 +82,7 @@ fn assert_consecutive(bytes: &[u8]) {
 
 #[test]
 fn counting_guest_snapshot_restores_twice_and_counts_on() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("counting_guest_snapshot_restores_twice_and_counts_on") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -183,7 +184,7 @@ fn touch_all(m: &osso_vmm::Machine, mib: u64) {
 
 #[test]
 fn clones_share_the_snapshot_pages() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("clones_share_the_snapshot_pages") {
         return;
     }
     const MIB: u64 = 32;
@@ -238,7 +239,8 @@ fn clones_share_the_snapshot_pages() {
 
 #[test]
 fn a_machine_with_virtio_devices_is_refused_and_bad_snapshots_fail() {
-    if !kvm_available() {
+    if !osso_testkit::require_kvm("a_machine_with_virtio_devices_is_refused_and_bad_snapshots_fail")
+    {
         return;
     }
     // A snapshot of nothing: clear error.

@@ -41,12 +41,15 @@ fn first_ping(user: &osso_vmm::net::UserNetHandle, limit: Duration) -> Option<Du
 #[test]
 #[ignore = "boots a real kernel: about a minute under PVM"]
 fn parked_kernel_snapshot_restored_twice_answers_pings() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIPPED: /dev/kvm does not exist on this host");
+    const T: &str = "parked_kernel_snapshot_restored_twice_answers_pings";
+    if !osso_testkit::require_kvm(T) {
         return;
     }
     let Some((kernel, initrd)) = common::find_image() else {
-        println!("SKIPPED: no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)");
+        osso_testkit::skip_or_fail(
+            T,
+            "no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)",
+        );
         return;
     };
     let mut cfg = VmConfig::kernel(kernel, Some(initrd));

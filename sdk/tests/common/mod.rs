@@ -14,18 +14,6 @@ pub fn tiny_kernel(dir: &std::path::Path, name: &str, msg: &str, then: Then) -> 
     p
 }
 
-/// Whether /dev/kvm can be used here; prints SKIPPED with the reason if not.
-pub fn kvm_or_skip(test: &str) -> bool {
-    if std::fs::File::open("/dev/kvm").is_ok() {
-        return true;
-    }
-    if std::env::var("OSSO_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("{test}: /dev/kvm is required (OSSO_REQUIRE_E2E=1) but cannot be opened");
-    }
-    eprintln!("SKIPPED {test}: /dev/kvm cannot be opened");
-    false
-}
-
 /// Threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")

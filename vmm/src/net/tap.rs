@@ -164,7 +164,8 @@ mod tests {
     }
 
     /// Creates a TAP device inside a network namespace private to a test
-    /// thread (never on the host's network). Needs root; skipped otherwise.
+    /// thread (never on the host's network). Needs root and /dev/net/tun; otherwise
+    /// skipped, or failed under `OSSO_REQUIRE_E2E=1` (`osso_testkit`).
     #[test]
     fn tap_in_private_netns() {
         let r = std::thread::spawn(|| {
@@ -172,7 +173,7 @@ mod tests {
             // namespace; the thread ends with the test and nothing else runs on it.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(format!(
-                    "skipped: unshare(CLONE_NEWNET) failed ({}), needs root",
+                    "unshare(CLONE_NEWNET) failed ({}): needs root",
                     io::Error::last_os_error()
                 ));
             }
@@ -188,14 +189,14 @@ mod tests {
                     );
                     Ok(())
                 }
-                Err(TapError::NoTunDevice) => Err("skipped: no /dev/net/tun".to_string()),
+                Err(TapError::NoTunDevice) => Err("no /dev/net/tun".to_string()),
                 Err(e) => panic!("opening a TAP in a private netns: {e}"),
             }
         })
         .join()
         .unwrap();
-        if let Err(msg) = r {
-            eprintln!("tap_in_private_netns {msg}");
+        if let Err(reason) = r {
+            osso_testkit::skip_or_fail("tap_in_private_netns", reason);
         }
     }
 }

@@ -1,28 +1,9 @@
 //! Helpers shared by the integration tests: tiny kernel files, a console
-//! sink the test reads back, the /dev/kvm check.
+//! sink the test reads back, the Osso image. Checks that cannot run here
+//! go through `osso_testkit`.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
-
-/// Whether /dev/kvm can be opened read-write; prints `SKIPPED: <reason>`
-/// if not.
-#[allow(dead_code)] // not every test binary runs guests
-pub fn kvm_available() -> bool {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIPPED: /dev/kvm does not exist on this host");
-        return false;
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIPPED: /dev/kvm cannot be opened read-write");
-        return false;
-    }
-    true
-}
 
 /// A console sink the test can read back (clones share the buffer).
 #[derive(Clone, Default)]

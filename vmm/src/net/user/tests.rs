@@ -487,11 +487,15 @@ fn forward_listener_reaches_guest_as_syn() {
     let mut g = Guest::start(UserNetConfig::default());
     let addr = g.h.forward(0, 8080).unwrap();
     assert!(addr.ip().is_loopback());
-    let client = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The guest resets: the host client sees a reset or EOF. The host's
+    // kernel completes the handshake with the stack's listener before the
+    // guest hears of it, so the reset may come before `connect` returns
+    // (the client thread not scheduled in between, as on a slow CPU): then
+    // `connect` itself fails with it. Either way the error is the reset.
+    let client = std::thread::spawn(move || -> io::Result<usize> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut b = [0u8; 1];
-        // The guest resets: the host client sees a reset or EOF.
         s.read(&mut b)
     });
     let Some(Seen::Tcp {

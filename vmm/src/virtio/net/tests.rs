@@ -612,7 +612,8 @@ fn device_with_user_network_answers_arp() {
 /// The device with a real TAP backend, inside a network namespace private
 /// to the test thread (never the host's network): an ARP request from the
 /// guest rings reaches the kernel through the TAP, and the kernel's reply
-/// comes back into the rx ring. Needs root and `ip`; skipped otherwise.
+/// comes back into the rx ring. Needs root, /dev/net/tun and `ip`;
+/// otherwise skipped, or failed under `OSSO_REQUIRE_E2E=1` (`osso_testkit`).
 #[test]
 fn device_with_tap_in_private_netns_answers_arp() {
     use crate::net::tap::{Tap, TapError};
@@ -626,13 +627,13 @@ fn device_with_tap_in_private_netns_answers_arp() {
         // the test.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(format!(
-                "skipped: unshare(CLONE_NEWNET): {} (needs root)",
+                "unshare(CLONE_NEWNET): {} (needs root)",
                 io::Error::last_os_error()
             ));
         }
         let tap = match Tap::open("osso-t1") {
             Ok(t) => t,
-            Err(TapError::NoTunDevice) => return Err("skipped: no /dev/net/tun".into()),
+            Err(TapError::NoTunDevice) => return Err("no /dev/net/tun".into()),
             Err(e) => panic!("TAP in a private netns: {e}"),
         };
         for args in [
@@ -642,7 +643,7 @@ fn device_with_tap_in_private_netns_answers_arp() {
             match std::process::Command::new("ip").args(args).status() {
                 Ok(s) if s.success() => {}
                 Ok(s) => panic!("ip {args:?}: {s}"),
-                Err(e) => return Err(format!("skipped: running ip: {e}")),
+                Err(e) => return Err(format!("cannot run ip (iproute2): {e}")),
             }
         }
 
@@ -705,8 +706,8 @@ fn device_with_tap_in_private_netns_answers_arp() {
     })
     .join()
     .unwrap();
-    if let Err(msg) = r {
-        eprintln!("device_with_tap_in_private_netns_answers_arp {msg}");
+    if let Err(reason) = r {
+        osso_testkit::skip_or_fail("device_with_tap_in_private_netns_answers_arp", reason);
     }
 }
 
