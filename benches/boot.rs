@@ -9,8 +9,9 @@
 //!
 //! - Osso, real kernel (the built Osso image: PVH `vmlinux` + initramfs, 128 MiB,
 //!   1 vCPU, virtio-net on the user-mode network, as `osso_sdk::spawn` sets it up):
-//!   - VMM setup: `osso_sdk::spawn` called to the first `KVM_RUN`
-//!     (`ReadyWhen::Started`, the VM is dropped at once), many runs;
+//!   - VMM setup: the VMM's start inside `osso_sdk::spawn` (after the image
+//!     is resolved: image preparation is its own phase, not VMM setup) to the
+//!     first `KVM_RUN` (`ReadyWhen::Started`, the VM is dropped at once), many runs;
 //!   - start to first console byte, to the `Run /init as init process` line,
 //!     and (hardware KVM only) to ready (the boot timer), plus the VMM RSS
 //!     and guest RAM resident sampled at the `/init` line. These runs drive
@@ -264,7 +265,9 @@ fn tiny_capacity(report: &mut Report, dir: &Path) {
         "tiny guest: VMM setup (spawn to first KVM_RUN)",
         "ms",
         &setup,
-        &format!("{sdk}; the VMM's timeline, first KVM_RUN"),
+        &format!(
+            "{sdk}; the VMM's timeline: its start (after image preparation) to the first KVM_RUN"
+        ),
     );
     report.add(
         "osso",
@@ -420,7 +423,7 @@ fn real_kernel_setup(report: &mut Report, vmlinux: &Path, initrd: &Path) {
         "VMM setup (start to first KVM_RUN)",
         "ms",
         &setup,
-        "osso_sdk::spawn (Custom image: the Osso vmlinux + initramfs, 128 MiB, 1 vCPU, user network, ReadyWhen::Started) called to the first KVM_RUN (VMM timeline); includes reading and loading the 14 MB vmlinux and the initramfs; VM dropped right after",
+        "osso_sdk::spawn (Custom image: the Osso vmlinux + initramfs, 128 MiB, 1 vCPU, user network, ReadyWhen::Started): the VMM's start (after image preparation, which is not counted) to the first KVM_RUN (VMM timeline); includes reading and loading the 14 MB vmlinux and the initramfs; VM dropped right after",
     );
     report.add(
         "osso",

@@ -4,8 +4,12 @@
 //! cargo run --release --example ping [-- --json]
 //! ```
 //!
-//! Builds the guest image on first use, boots it, shows the console, then the
-//! metrics line. On hardware KVM the guest's `/init` pings its gateway 10.0.2.2
+//! Builds the guest image on first use (or boots the prebuilt one named by
+//! `OSSO_IMAGE_DIR`), boots it, shows the console, then the metrics line:
+//! boot phases from the VMM's start, with the image preparation (minutes when
+//! this run built the image) reported apart, and the VMM's RSS for this VM
+//! alone (the process's growth since just before the VMM started, less
+//! guest RAM). On hardware KVM the guest's `/init` pings its gateway 10.0.2.2
 //! (the VMM's user-mode network) and prints `SUCCESS: ONLINE`. On a host whose
 //! KVM is PVM (no guest user space) the kernel configures its own address
 //! (`ip=`), parks waiting for a root device, and the host pings it through the

@@ -43,6 +43,13 @@ pub enum Error {
     NoImage(PathBuf),
     #[error("manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
+    /// A prebuilt image directory ([`crate::open_image_dir`]) failed its check.
+    #[error("image directory {}: {problem}", dir.display())]
+    ImageDir {
+        dir: PathBuf,
+        #[source]
+        problem: ImageDirError,
+    },
     #[error("bad setting {name}={value:?}: {reason}")]
     Setting {
         name: String,
@@ -59,6 +66,43 @@ impl Error {
             source,
         }
     }
+}
+
+/// Why a prebuilt image directory was refused by [`crate::open_image_dir`].
+/// `file` is a name inside the directory (`vmlinux`, `bzImage`,
+/// `initramfs.cpio.gz`, `manifest.json`).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageDirError {
+    /// The directory has no `manifest.json` (or is not a directory at all).
+    #[error("no manifest.json (not an Osso image directory; build one with: cargo run -p osso-guest --release -- build)")]
+    MissingManifest,
+    /// `manifest.json` cannot be read as an Osso manifest of this format.
+    #[error("bad manifest.json: {0}")]
+    BadManifest(String),
+    /// A file the manifest names is not in the directory.
+    #[error("{file}: missing (manifest.json names it)")]
+    MissingFile { file: String },
+    /// A file's size differs from the manifest's.
+    #[error("{file}: {actual} bytes, manifest.json says {expected}")]
+    SizeMismatch {
+        file: String,
+        expected: u64,
+        actual: u64,
+    },
+    /// A file's sha256 differs from the manifest's.
+    #[error("{file}: sha256 {actual}, manifest.json says {expected}")]
+    ChecksumMismatch {
+        file: String,
+        expected: String,
+        actual: String,
+    },
+    /// A file could not be read.
+    #[error("{file}: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The builder's result type.

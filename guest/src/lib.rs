@@ -3,7 +3,10 @@
 //! plus a static Toybox initramfs written by our own cpio code.
 //!
 //! Knows nothing of KVM. The SDK calls [`default_image`] (which builds on first
-//! use); the `osso-guest` binary offers `build` and `info`.
+//! use), or [`open_image_dir`] for a prebuilt image directory (no sources
+//! needed: the manifest's sizes and sha256 checksums are checked); the
+//! `osso-guest` binary offers `build` and `info` (`info --dir DIR` checks
+//! and shows a prebuilt directory).
 //!
 //! Every artifact is cached under [`cache::cache_root`] by a hash of all its
 //! inputs (source identities, the config fragments, the patches, the init
@@ -13,6 +16,7 @@
 pub mod cache;
 pub mod cpio;
 pub mod error;
+pub mod image_dir;
 pub mod initramfs;
 pub mod kernel;
 pub mod manifest;
@@ -26,7 +30,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use error::{Error, Result};
+pub use error::{Error, ImageDirError, Result};
+pub use image_dir::{open_image_dir, IMAGE_DIR_ENV};
 pub use manifest::Manifest;
 pub use sources::SourceSpec;
 pub use steps::ProgressMode;

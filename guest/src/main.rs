@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! osso-guest build [--kernel-source debian|download|PATH] [--toybox-source ...]
-//! osso-guest info [--json]
+//! osso-guest info [--json] [--dir DIR]
 //! ```
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -39,12 +40,19 @@ enum Cmd {
         jobs: Option<usize>,
     },
     /// Print the manifest of the image `build` would reuse; fails if none is built.
+    /// With --dir, check and print the prebuilt image in DIR instead.
     Info {
         #[command(flatten)]
         src: SourceArgs,
         /// Print the manifest as JSON.
         #[arg(long)]
         json: bool,
+        /// A prebuilt image directory (the one `build` prints, or a copy of
+        /// it): its manifest.json is read and every file it names checked
+        /// (size and sha256); the sources are not needed. What the SDK
+        /// boots with `Config::image_dir` or `OSSO_IMAGE_DIR`.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -134,8 +142,11 @@ fn run(cli: Cli) -> osso_guest::Result<()> {
             );
             Ok(())
         }
-        Cmd::Info { src, json } => {
-            let image = osso_guest::find(&src.options())?;
+        Cmd::Info { src, json, dir } => {
+            let image = match dir {
+                Some(dir) => osso_guest::open_image_dir(dir)?,
+                None => osso_guest::find(&src.options())?,
+            };
             let m = &image.manifest;
             if json {
                 println!("{}", m.to_json());

@@ -12,9 +12,16 @@ use crate::error::Error;
 /// Which kernel and initramfs to boot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Image {
-    /// The default Osso image from `osso-guest`, built on first use.
+    /// The default Osso image: the prebuilt image directory named by
+    /// [`crate::IMAGE_DIR_ENV`] (`OSSO_IMAGE_DIR`) when it is set, else the
+    /// one `osso-guest` builds from its sources (built on first use).
     #[default]
     Default,
+    /// A prebuilt Osso image directory (what `osso-guest build` prints, or a
+    /// copy of it): its `manifest.json` is read and the files it names
+    /// checked (size and sha256) once per process; no sources needed. Takes
+    /// precedence over `OSSO_IMAGE_DIR`.
+    Dir(PathBuf),
     /// Your own kernel (ELF vmlinux or bzImage) and initramfs.
     Custom {
         kernel: PathBuf,
@@ -224,6 +231,14 @@ impl ConfigBuilder {
         self.0.vcpus = n;
         self
     }
+    /// Boot the prebuilt Osso image in `dir` (see [`Image::Dir`]): what
+    /// `osso-guest build` printed, or a copy of that directory. Takes
+    /// precedence over `OSSO_IMAGE_DIR` ([`crate::IMAGE_DIR_ENV`]), which
+    /// takes precedence over finding or building the image from sources.
+    pub fn image_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.0.image = Image::Dir(dir.into());
+        self
+    }
     /// Boot your own kernel and initramfs instead of the default image.
     pub fn custom_image(mut self, kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
         self.0.image = Image::Custom {
@@ -359,5 +374,7 @@ mod tests {
         assert_eq!(n.allowed_host_ports, [5432]);
         assert_ne!(n.mac, c.net_config().mac, "a fresh MAC per VM");
         assert_eq!(c.lifetime, Some(Duration::from_secs(9)));
+        let c = Config::builder().image_dir("/srv/osso-image").build();
+        assert_eq!(c.image, Image::Dir("/srv/osso-image".into()));
     }
 }

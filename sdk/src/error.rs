@@ -11,6 +11,20 @@ pub enum Error {
     /// The guest image could not be built or found.
     #[error("guest image: {0}")]
     Image(#[from] osso_guest::Error),
+    /// A prebuilt image directory ([`crate::ConfigBuilder::image_dir`] or
+    /// `OSSO_IMAGE_DIR`) is not a usable Osso image: no or a bad
+    /// `manifest.json`, or a file it names missing, of another size, or with
+    /// another sha256.
+    #[error("image directory {} (from {via}): {problem}", dir.display())]
+    ImageDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Where it was named: `Config::image_dir` or `OSSO_IMAGE_DIR`.
+        via: &'static str,
+        /// What is wrong with it.
+        #[source]
+        problem: osso_guest::ImageDirError,
+    },
     /// The VMM refused the machine (KVM missing, bad kernel, layout...).
     #[error("VMM: {0}")]
     Vmm(#[from] osso_vmm::VmmError),

@@ -25,6 +25,17 @@
 //! # Ok::<(), osso_sdk::Error>(())
 //! ```
 //!
+//! Which image: by default the Osso image `osso-guest` finds or builds from
+//! its sources (the kernel and Toybox sources must be at hand, even for an
+//! image already built: its cache key hashes them). To boot a prebuilt image
+//! without the sources, point the SDK at its directory (the one `osso-guest
+//! build` prints, or a copy of it) with [`ConfigBuilder::image_dir`] or the
+//! environment variable [`IMAGE_DIR_ENV`] (`OSSO_IMAGE_DIR`); the option
+//! wins over the variable, the variable over the sources. The directory's
+//! `manifest.json` is read and every file it names checked (size and sha256)
+//! the first time a process boots it; a bad directory fails spawn with
+//! [`Error::ImageDir`], naming the directory and the problem.
+//!
 //! What runs where: on hardware KVM everything does. On a host whose KVM is
 //! the PVM software hypervisor ([`HostKvm::Pvm`]) a guest kernel boots (about a
 //! thousand times slower) but guest user space never runs: spawn with
@@ -35,6 +46,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod host;
+mod image_dir;
 pub mod job;
 pub mod metrics;
 pub mod pool;
@@ -52,7 +64,13 @@ pub use metrics::{Metrics, RestoreFigures};
 pub use osso_vmm::net::user::PARKED_KERNEL_CMDLINE;
 pub use pool::Pool;
 pub use reaper::wait_for_background_teardown;
-pub use vm::{restore, spawn, Exit, Vm};
+pub use vm::{prepare_image, restore, spawn, Exit, Vm};
+
+/// The environment variable naming a prebuilt Osso image directory to boot
+/// when the config does not name one ([`ConfigBuilder::image_dir`] wins over
+/// it; it wins over finding or building the image from sources). An empty
+/// value counts as unset.
+pub const IMAGE_DIR_ENV: &str = osso_guest::IMAGE_DIR_ENV;
 
 /// A shell command to run in a fresh VM.
 #[derive(Debug, Clone)]
@@ -95,7 +113,9 @@ pub struct JobResult {
 /// console kept for it (about 12 MiB of stdout and stderr together, see
 /// [`job::JOB_CONSOLE_LIMIT`]; a larger [`Config::console_limit`] raises it).
 pub fn run(job: Job) -> Result<JobResult, Error> {
-    let started = Instant::now();
+    // Image preparation (finding the image, appending the job) runs from
+    // here to the VMM's start, measured apart from the boot.
+    let called = Instant::now();
     if HostKvm::detect() != HostKvm::Hardware {
         return Err(Error::NoGuestUserSpace);
     }
@@ -124,7 +144,7 @@ pub fn run(job: Job) -> Result<JobResult, Error> {
     files.image.initramfs_bytes = prepared.initrd.len() as u64;
     files.image.total_bytes = files.image.kernel_bytes + files.image.initramfs_bytes;
     files.initrd = Some(initrd);
-    let vm = vm::spawn_files(config, files, Some(scratch), started)?;
+    let vm = vm::spawn_files(config, files, Some(scratch), called)?;
     let finished = vm.wait_timeout(Some(job.timeout)).is_some();
     if !finished {
         vm.kill();

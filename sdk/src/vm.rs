@@ -8,7 +8,9 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use osso_vmm::metrics::{guest_mapping_usage, memory_figures, Timeline};
+use osso_vmm::metrics::{
+    guest_mapping_usage, memory_figures, process_rss_bytes, vmm_rss_since, Timeline,
+};
 use osso_vmm::net::UserNetHandle;
 use osso_vmm::snapshot::{self, RestoreOptions};
 use osso_vmm::virtio::attach::{attach_net, AttachedNet};
@@ -18,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::config::{Config, Image, KernelFormat, ReadyWhen};
 use crate::console::Console;
 use crate::error::Error;
-use crate::metrics::{ImageSize, Metrics};
+use crate::metrics::{ImageSize, Metrics, SpawnClock};
 use crate::HostKvm;
 
 /// How a VM ended.
@@ -64,8 +66,13 @@ pub struct Vm {
     machine: Option<Arc<Machine>>,
     /// Leave closing the VM to the reaper thread on drop.
     background_teardown: bool,
-    /// Microseconds from spawn()/restore() to ready.
+    /// Microseconds from the VMM's start (spawn() after image preparation,
+    /// restore()) to ready.
     ready_us: OnceLock<u64>,
+    /// spawn() to the VMM's start; None for a restored VM.
+    image_prepare_us: Option<u64>,
+    /// The process RSS just before the VMM started on this VM.
+    rss_baseline_bytes: u64,
     /// For a VM made by [`restore`]: its snapshot and restore phases.
     restored: Option<RestoredFrom>,
     /// Serialises pause, resume and snapshot.
@@ -122,8 +129,8 @@ pub(crate) fn resolve_image(config: &Config) -> Result<BootFiles, Error> {
                 },
             })
         }
-        Image::Default => {
-            let img = osso_guest::default_image()?;
+        image @ (Image::Default | Image::Dir(_)) => {
+            let img = crate::image_dir::osso_image(image)?;
             let m = &img.manifest;
             let (kernel, kernel_bytes) = match config.kernel_format {
                 KernelFormat::Pvh => (m.vmlinux_path.clone(), m.vmlinux_bytes),
@@ -144,22 +151,42 @@ pub(crate) fn resolve_image(config: &Config) -> Result<BootFiles, Error> {
     }
 }
 
-/// Boots a VM as `config` says and returns once it is ready (as
-/// [`Config::ready`] defines), or fails: bad config, the VMM refused, the
-/// guest ended first, or the boot timeout passed (the VM is then stopped).
-pub fn spawn(config: Config) -> Result<Vm, Error> {
-    let started = Instant::now();
+/// Finds, checks or builds the image `config` boots, as [`spawn`] would,
+/// without starting a VM, and returns its sizes: to pay for an image build
+/// (or a prebuilt directory's first check) up front, outside the first
+/// spawn's latency and memory figures.
+pub fn prepare_image(config: &Config) -> Result<ImageSize, Error> {
     config.validate()?;
-    let files = resolve_image(&config)?;
-    spawn_files(config, files, None, started)
+    Ok(resolve_image(config)?.image)
 }
 
+/// Boots a VM as `config` says and returns once it is ready (as
+/// [`Config::ready`] defines), or fails: bad config, the image cannot be
+/// found, checked or built, the VMM refused, the guest ended first, or the
+/// boot timeout passed (the VM is then stopped). Preparing the image (which
+/// builds it when nothing is built yet) is measured apart from the boot
+/// ([`crate::metrics::BootPhases::image_prepare_us`]).
+pub fn spawn(config: Config) -> Result<Vm, Error> {
+    let called = Instant::now();
+    config.validate()?;
+    let files = resolve_image(&config)?;
+    spawn_files(config, files, None, called)
+}
+
+/// Starts the VMM on prepared files; `called` is when spawn() or run() was
+/// called (image preparation is from then to now).
 pub(crate) fn spawn_files(
     config: Config,
     files: BootFiles,
     scratch: Option<tempfile::TempDir>,
-    started: Instant,
+    called: Instant,
 ) -> Result<Vm, Error> {
+    // The VMM starts here: the memory baseline first, then the boot clock.
+    let rss_baseline_bytes = process_rss_bytes();
+    let clock = SpawnClock {
+        called,
+        vmm_start: Instant::now(),
+    };
     let console = Console::new(config.console_limit, config.echo_console);
     let mut vmc = VmConfig::new(BootSource::Kernel {
         kernel: files.kernel,
@@ -170,7 +197,7 @@ pub(crate) fn spawn_files(
     vmc.cmdline_extra = (!config.cmdline_extra.is_empty()).then(|| config.cmdline_extra.join(" "));
     vmc.timeout = config.lifetime;
     vmc.console = Box::new(console.writer());
-    vmc.start = Some(started);
+    vmc.start = Some(clock.vmm_start);
     vmc.seccomp = config.seccomp;
     let mut builder = MachineBuilder::new(vmc)?;
     let net = attach_net(&mut builder, &config.net_config())?;
@@ -184,6 +211,8 @@ pub(crate) fn spawn_files(
         image: files.image,
         scratch,
         restored: None,
+        image_prepare_us: Some(clock.image_prepare_us()),
+        rss_baseline_bytes,
         ready: config.ready.clone(),
         boot_timeout: config.boot_timeout,
         background_teardown: config.background_teardown,
@@ -199,6 +228,8 @@ struct VmParts {
     image: ImageSize,
     scratch: Option<tempfile::TempDir>,
     restored: Option<RestoredFrom>,
+    image_prepare_us: Option<u64>,
+    rss_baseline_bytes: u64,
     ready: ReadyWhen,
     boot_timeout: Duration,
     background_teardown: bool,
@@ -221,6 +252,7 @@ struct VmParts {
 /// ([`Error::Snapshot`], saying which), a snapshot with a network device
 /// restored with `Network::None`, or readiness not reached in time.
 pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
+    let rss_baseline_bytes = process_rss_bytes();
     let started = Instant::now();
     let dir = dir.as_ref();
     config.validate_host_side()?;
@@ -264,6 +296,8 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
             snapshot: dir.to_path_buf(),
             phases,
         }),
+        image_prepare_us: None,
+        rss_baseline_bytes,
         ready,
         boot_timeout: config.boot_timeout,
         background_teardown: config.background_teardown,
@@ -327,6 +361,8 @@ impl Vm {
             machine: Some(machine),
             background_teardown: p.background_teardown,
             ready_us: OnceLock::new(),
+            image_prepare_us: p.image_prepare_us,
+            rss_baseline_bytes: p.rss_baseline_bytes,
             restored: p.restored,
             control: Mutex::new(()),
             net: p.net,
@@ -513,24 +549,28 @@ impl Vm {
 
     /// This VM's figures, now.
     pub fn metrics(&self) -> Metrics {
-        let (guest_resident_bytes, guest_mem_bytes, vmm_rss_bytes) = match &self.mem {
-            Some(mem) => {
-                let m = memory_figures(mem);
-                (m.guest_resident_bytes, m.guest_mem_bytes, m.vmm_rss_bytes)
-            }
-            None => (0, 0, 0),
-        };
+        let m = self.mem.as_ref().map(memory_figures).unwrap_or_default();
         // A clone's RAM is a private file mapping shared with its siblings:
-        // /proc/self/smaps says what it holds alone. A cold VM's RAM is
-        // anonymous and all its own (and smaps may merge it with a
-        // neighbour's mapping), so resident = private = proportional there.
-        let (guest_pss_bytes, guest_private_bytes) = match (&self.mem, &self.restored) {
-            (Some(mem), Some(_)) => {
-                let u = guest_mapping_usage(mem);
-                (u.pss_bytes, u.private_bytes)
-            }
-            _ => (guest_resident_bytes, guest_resident_bytes),
-        };
+        // /proc/self/smaps says what this process maps of it (mincore would
+        // count every page of the file in the page cache) and what it holds
+        // alone. A cold VM's RAM is anonymous and all its own (and smaps may
+        // merge it with a neighbour's mapping), so mincore's resident pages
+        // are what the process RSS holds of it, and private = proportional.
+        let (guest_rss_bytes, guest_pss_bytes, guest_private_bytes) =
+            match (&self.mem, &self.restored) {
+                (Some(mem), Some(_)) => {
+                    let u = guest_mapping_usage(mem);
+                    (u.rss_bytes, u.pss_bytes, u.private_bytes)
+                }
+                _ => (
+                    m.guest_resident_bytes,
+                    m.guest_resident_bytes,
+                    m.guest_resident_bytes,
+                ),
+            };
+        let process_rss_bytes = m.process_rss_bytes;
+        let vmm_rss_bytes =
+            vmm_rss_since(self.rss_baseline_bytes, process_rss_bytes, guest_rss_bytes);
         let r = self
             .outcome
             .result
@@ -538,6 +578,7 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner());
         Metrics {
             boot: Metrics::phases(
+                self.image_prepare_us,
                 self.timeline.first_kvm_run_us(),
                 self.timeline.init_started_us(),
                 self.timeline.boot_timer_us(),
@@ -555,8 +596,10 @@ impl Vm {
             guest_pss_bytes,
             guest_private_bytes,
             vmm_rss_bytes,
-            guest_resident_bytes,
-            guest_mem_bytes,
+            process_rss_bytes,
+            rss_baseline_bytes: self.rss_baseline_bytes,
+            guest_resident_bytes: m.guest_resident_bytes,
+            guest_mem_bytes: m.guest_mem_bytes,
             image: self.image.clone(),
             exit: r.as_ref().map(|o| o.exit.to_string()),
             host_kvm: self.host_kvm,

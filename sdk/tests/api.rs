@@ -55,6 +55,66 @@ fn spawn_waits_for_ready_and_reports_console_metrics_and_exit() {
     assert_eq!(vm.metrics().exit.as_deref(), Some("reset"));
     let line = vm.metrics().to_string();
     assert!(line.starts_with("boot ") && !line.contains('\n'), "{line}");
+    // Image preparation is its own phase, and the VMM's RSS is this VM's
+    // growth over the baseline taken before the VMM started.
+    assert!(m.boot.image_prepare_us.is_some(), "{m:?}");
+    assert!(line.contains("image prepared in"), "{line}");
+    assert!(m.rss_baseline_bytes > 0, "{m:?}");
+    assert!(m.process_rss_bytes >= m.vmm_rss_bytes, "{m:?}");
+}
+
+/// A prebuilt image directory (`Config::image_dir`): its manifest checked,
+/// its vmlinux booted, its sizes reported; a broken one refused before any
+/// VM starts, naming the directory.
+#[test]
+fn spawn_boots_a_checked_image_directory() {
+    if !kvm_or_skip("spawn_boots_a_checked_image_directory") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("image");
+    let mut m = osso_guest::image_dir::write_fake_image_dir(&dir).unwrap();
+    let kernel = tiny_kernel(
+        &dir,
+        "vmlinux",
+        "booted from an image dir",
+        Then::ReadyThenReset,
+    );
+    m.vmlinux_bytes = std::fs::metadata(&kernel).unwrap().len();
+    m.vmlinux_sha256 = osso_guest::cache::sha256_file(&kernel).unwrap();
+    std::fs::write(dir.join("manifest.json"), m.to_json()).unwrap();
+    let config = || {
+        Config::builder()
+            .image_dir(&dir)
+            .mem_mib(16)
+            .boot_timeout(Duration::from_secs(10))
+            .build()
+    };
+    let vm = osso_sdk::spawn(config()).expect("spawn from the image directory");
+    vm.wait();
+    assert!(
+        vm.console().contains("booted from an image dir"),
+        "{}",
+        vm.console().text()
+    );
+    let metrics = vm.metrics();
+    assert_eq!(metrics.image.kernel_bytes, m.vmlinux_bytes);
+    assert_eq!(metrics.image.initramfs_bytes, m.initramfs_bytes);
+    assert_eq!(metrics.image.bzimage_bytes, Some(m.bzimage_bytes));
+    drop(vm);
+    // One byte changed, same size: the checksum no longer matches.
+    let mut body = std::fs::read(&kernel).unwrap();
+    let last = body.len() - 1;
+    body[last] ^= 0xff;
+    std::fs::write(&kernel, body).unwrap();
+    match osso_sdk::spawn(config()) {
+        Err(e @ Error::ImageDir { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&dir.display().to_string()), "{text}");
+            assert!(text.contains("vmlinux: sha256"), "{text}");
+        }
+        other => panic!("expected Error::ImageDir, got {other:?}"),
+    }
 }
 
 #[test]

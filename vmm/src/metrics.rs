@@ -290,6 +290,20 @@ fn parse_smaps(smaps: &str, starts: &[u64]) -> MappingUsage {
     total
 }
 
+/// One VM's own VMM memory in a process that holds more than it (an
+/// application embedding the SDK, other VMs, an image build that ran
+/// first): the growth of the process RSS since `baseline_rss_bytes` (taken
+/// just before the VMM started on this VM) less this VM's guest RAM pages
+/// in the process RSS. Zero when the process shrank meanwhile. Whatever
+/// else the process allocated after the baseline (another VM starting, the
+/// application) counts too: the figure is exact only when this VM is all
+/// that ran since.
+pub fn vmm_rss_since(baseline_rss_bytes: u64, process_rss_bytes: u64, guest_rss_bytes: u64) -> u64 {
+    process_rss_bytes
+        .saturating_sub(baseline_rss_bytes)
+        .saturating_sub(guest_rss_bytes)
+}
+
 /// Measures the memory figures now.
 pub fn memory_figures(mem: &GuestMemoryMmap) -> MemoryFigures {
     let guest_resident_bytes = guest_resident_bytes(mem);
@@ -338,6 +352,18 @@ mod tests {
             f.process_rss_bytes - f.guest_resident_bytes
         );
         assert!(f.vmm_anon_rss_bytes > 0 && f.vmm_anon_rss_bytes < f.vmm_rss_bytes);
+    }
+
+    #[test]
+    fn vmm_rss_since_counts_growth_without_guest_ram() {
+        // 40 MiB before the VMM (say an image build's heap), 58 MiB now
+        // with 16 MiB of guest RAM resident: the VMM holds 2 MiB.
+        assert_eq!(vmm_rss_since(40 << 20, 58 << 20, 16 << 20), 2 << 20);
+        // The process shrank (the application freed memory): zero, not a wrap.
+        assert_eq!(vmm_rss_since(40 << 20, 30 << 20, 1 << 20), 0);
+        assert_eq!(vmm_rss_since(10, 15, 20), 0);
+        // No baseline: the whole process less guest RAM (what a standalone VMM reports).
+        assert_eq!(vmm_rss_since(0, 58 << 20, 16 << 20), 42 << 20);
     }
 
     #[test]
