@@ -68,7 +68,7 @@ fn spawn_waits_for_ready_and_reports_console_metrics_and_exit() {
 /// VM starts, naming the directory.
 #[test]
 fn spawn_boots_a_checked_image_directory() {
-    if !kvm_or_skip("spawn_boots_a_checked_image_directory") {
+    if !osso_testkit::require_kvm("spawn_boots_a_checked_image_directory") {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
