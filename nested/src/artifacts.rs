@@ -113,12 +113,14 @@ fn parse_messages(text: &str) -> Vec<Artifact> {
             continue;
         };
         let kind_of = |k: &str| t.kind.iter().any(|x| x == k);
-        let kind = if p.test {
+        // A bench is built with `profile.test` set (cargo builds it as a
+        // test harness target), so its kind is looked at first.
+        let kind = if kind_of("bench") {
+            Kind::Bench
+        } else if p.test {
             Kind::Test
         } else if kind_of("example") {
             Kind::Example
-        } else if kind_of("bench") {
-            Kind::Bench
         } else if kind_of("bin") {
             Kind::Bin
         } else {
@@ -202,7 +204,7 @@ mod tests {
 {"reason":"compiler-artifact","package_id":"path+file:///w/vmm#osso-vmm@0.1.0","manifest_path":"/w/vmm/Cargo.toml","target":{"kind":["lib"],"name":"osso_vmm"},"profile":{"test":true},"executable":"/w/target/x/release/deps/osso_vmm-2"}
 {"reason":"compiler-artifact","package_id":"path+file:///w/vmm#osso-vmm@0.1.0","manifest_path":"/w/vmm/Cargo.toml","target":{"kind":["lib"],"name":"osso_vmm"},"profile":{"test":false},"executable":null}
 {"reason":"compiler-artifact","package_id":"path+file:///w#osso@0.1.0","manifest_path":"/w/Cargo.toml","target":{"kind":["example"],"name":"ping"},"profile":{"test":false},"executable":"/w/target/x/release/examples/ping"}
-{"reason":"compiler-artifact","package_id":"osso 0.1.0 (path+file:///w)","manifest_path":"/w/Cargo.toml","target":{"kind":["bench"],"name":"boot"},"profile":{"test":false},"executable":"/w/target/x/release/deps/boot-3"}
+{"reason":"compiler-artifact","package_id":"osso 0.1.0 (path+file:///w)","manifest_path":"/w/Cargo.toml","target":{"kind":["bench"],"name":"boot"},"profile":{"test":true},"executable":"/w/target/x/release/deps/boot-3"}
 {"reason":"compiler-artifact","package_id":"path+file:///w/vmm#osso-vmm@0.1.0","manifest_path":"/w/vmm/Cargo.toml","target":{"kind":["bin"],"name":"osso-vmm"},"profile":{"test":false},"executable":"/w/target/x/release/osso-vmm"}
 {"reason":"build-finished","success":true}
 not json"#;

@@ -59,6 +59,10 @@ impl Rootfs {
         // Without /dev/console, init starts with no stdout.
         let _ = r.archive.char_dev("dev/console", 0o600, 5, 1);
         r.files.insert("dev/console".into());
+        // /init's first helpers run with stdin from /dev/null, before
+        // devtmpfs is mounted over /dev.
+        let _ = r.archive.char_dev("dev/null", 0o666, 1, 3);
+        r.files.insert("dev/null".into());
         let _ = r.text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n");
         let _ = r.text("etc/group", "root:x:0:\n");
         let _ = r.text("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n");
