@@ -1281,9 +1281,7 @@ fn main() {
     } else {
         tiny_capacity(&mut report, &out);
     }
-    let image = osso_guest::BuildOptions::from_env()
-        .map_err(|e| e.to_string())
-        .and_then(|o| osso_guest::find(&o).map_err(|e| e.to_string()));
+    let image = osso_guest::find_built().map_err(|e| e.to_string());
     match image {
         Err(e) => report.note(format!(
             "SKIPPED every real-kernel figure (Osso and QEMU): the Osso image is not built ({e}); build it with `cargo run --release -p osso-guest -- build`"

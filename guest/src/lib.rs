@@ -116,6 +116,18 @@ pub fn default_image() -> Result<Image> {
     build(&BuildOptions::from_env()?)
 }
 
+/// The built image to use, without building anything: the directory that
+/// `OSSO_IMAGE_DIR` names ([`IMAGE_DIR_ENV`], checked against its manifest by
+/// [`open_image_dir`]) when it is set, otherwise the one [`find`] locates from
+/// the sources' cache keys. What tests, benches and examples call, so that
+/// they also run where only a built image was copied (layer 5's level 1).
+pub fn find_built() -> Result<Image> {
+    match std::env::var_os(IMAGE_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => open_image_dir(dir),
+        _ => find(&BuildOptions::from_env()?),
+    }
+}
+
 /// The image `build` would produce or reuse, without building anything:
 /// [`Error::NoImage`] when it has not been built. A `download` source that
 /// has not been fetched counts as Debian's (what a build without the internet

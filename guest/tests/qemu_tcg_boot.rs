@@ -14,10 +14,7 @@ use std::time::Duration;
 /// The built image, or None (after `osso_testkit::skip_or_fail` for the
 /// check `check`) when it or QEMU is missing.
 fn image_and_qemu(check: &str) -> Option<osso_guest::Image> {
-    let image = osso_testkit::require(
-        check,
-        osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)),
-    )?;
+    let image = osso_testkit::require(check, osso_guest::find_built())?;
     if !osso_guest::tools::on_path("qemu-system-x86_64") {
         osso_testkit::skip_or_fail(
             check,

@@ -227,10 +227,34 @@ not json"#;
 
     #[test]
     fn a_dynamic_program_is_refused_and_garbage_too() {
-        // /bin/sh on Debian is dynamically linked.
-        let err = check_static(Path::new("/bin/sh")).unwrap_err().to_string();
-        assert!(err.contains("dynamically linked"), "{err}");
+        // A minimal ELF64 header with one program header of the given type.
+        let elf = |p_type: u32| {
+            let mut b = vec![0u8; 64 + 56];
+            b[..4].copy_from_slice(b"\x7fELF");
+            b[4] = 2;
+            b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+            b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+            b[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+            b[64..68].copy_from_slice(&p_type.to_le_bytes());
+            b
+        };
         let dir = tempfile::tempdir().unwrap();
+        let dynamic = dir.path().join("dynamic");
+        std::fs::write(&dynamic, elf(3)).unwrap(); // PT_INTERP
+        let err = check_static(&dynamic).unwrap_err().to_string();
+        assert!(err.contains("dynamically linked"), "{err}");
+        let loadable = dir.path().join("static");
+        std::fs::write(&loadable, elf(1)).unwrap(); // PT_LOAD only
+        check_static(&loadable).unwrap();
+        // This test binary is built by the workspace: static.
+        check_static(&std::env::current_exe().unwrap()).unwrap();
+        let mut truncated = elf(1);
+        truncated[0x38..0x3a].copy_from_slice(&9u16.to_le_bytes());
+        std::fs::write(&loadable, truncated).unwrap();
+        assert!(check_static(&loadable)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         let junk = dir.path().join("junk");
         std::fs::write(&junk, b"#!/bin/sh\necho hi\n").unwrap();
         assert!(check_static(&junk)

@@ -104,10 +104,22 @@ pub fn named_checks() -> Vec<Spec> {
     ]
 }
 
-/// Test binaries not run as a whole in level 1, with the reason. They need
-/// no KVM and already ran on the host (layer 4: QEMU TCG boots, which inside
-/// level 1 would be emulation inside emulation).
+/// Test binaries whose ignored tests also run in level 1: the real-kernel
+/// boots the test command runs with `--ignored` on the host, which only in
+/// level 1 meet a KVM that runs the guest's user space.
+pub const INCLUDE_IGNORED: &[&str] = &["osso-vmm/real_kernel", "osso-vmm/snapshot_real_kernel"];
+
+/// Test binaries not run as a whole in level 1, with the reason. They touch
+/// no KVM and already ran on the host: running them again in level 1 only
+/// repeats the same code under emulation, tens of times slower (layer 4's
+/// QEMU TCG boots would be emulation inside emulation; the device fuzzers
+/// are pure computation over guest memory).
 pub const NOT_IN_LEVEL1: &[(&str, &str)] = &[
+    ("osso-vmm/fuzz", "device fuzzing, no KVM: runs on the host"),
+    (
+        "osso-vmm/fuzz_long",
+        "device fuzzing, no KVM (ignored by default): runs on the host",
+    ),
     (
         "osso-guest/qemu_tcg_boot",
         "layer 4 (QEMU TCG, no KVM): runs on the host",
@@ -178,6 +190,9 @@ pub fn checks(artifacts: &[Artifact]) -> Result<Vec<Check>> {
         }
         if !args.is_empty() {
             args.push("--exact".into());
+        }
+        if INCLUDE_IGNORED.contains(&label.as_str()) {
+            args.push("--include-ignored".into());
         }
         out.push(check_for(format!("test {label}"), a, args, 1200));
     }

@@ -49,6 +49,9 @@ enum What {
         /// KVM), or auto (direct on hardware KVM, else nested).
         #[arg(long, default_value = "auto")]
         mode: String,
+        /// Run only these checks (names as in the report, comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// One test binary, as package/name or name (arguments after --).
     Test {
@@ -149,8 +152,14 @@ fn real_main(args: Args) -> Result<ExitCode> {
     let one =
         |name: String, a: &Artifact, args: Vec<String>, t: u64| layer5::check_for(name, a, args, t);
     let (checks, report) = match args.what {
-        What::Layer5 { report, mode } => {
-            let checks = layer5::checks(&artifacts)?;
+        What::Layer5 { report, mode, only } => {
+            let mut checks = layer5::checks(&artifacts)?;
+            if !only.is_empty() {
+                if let Some(unknown) = only.iter().find(|n| !checks.iter().any(|c| &c.name == *n)) {
+                    return Err(Error::NoSuchProgram(format!("layer-5 check {unknown:?}")));
+                }
+                checks.retain(|c| only.contains(&c.name));
+            }
             let direct = match mode.as_str() {
                 "direct" => true,
                 "nested" => false,

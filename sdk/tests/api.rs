@@ -302,10 +302,7 @@ fn run_runs_a_job_on_hardware_kvm_and_refuses_at_once_elsewhere() {
         return;
     }
     // The built image, named explicitly: never a build hidden in a test.
-    let Some(image) = osso_testkit::require(
-        T,
-        osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)),
-    ) else {
+    let Some(image) = osso_testkit::require(T, osso_guest::find_built()) else {
         return;
     };
     let mut job = osso_sdk::Job::new("echo ran; exit 3");

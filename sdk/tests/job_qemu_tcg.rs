@@ -12,10 +12,7 @@ use std::time::Duration;
 #[test]
 fn job_output_and_status_come_back_over_the_console() {
     const T: &str = "job_output_and_status_come_back_over_the_console";
-    let Some(image) = osso_testkit::require(
-        T,
-        osso_guest::BuildOptions::from_env().and_then(|o| osso_guest::find(&o)),
-    ) else {
+    let Some(image) = osso_testkit::require(T, osso_guest::find_built()) else {
         return;
     };
     if !osso_guest::tools::on_path("qemu-system-x86_64") {

@@ -26,9 +26,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(600);
 fn image_built(check: &str) -> Option<osso_guest::Image> {
     osso_testkit::require(
         check,
-        osso_guest::BuildOptions::from_env()
-            .and_then(|o| osso_guest::find(&o))
-            .map_err(|e| format!("no image: {e}")),
+        osso_guest::find_built().map_err(|e| format!("no image: {e}")),
     )
 }
 

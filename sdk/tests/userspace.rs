@@ -8,7 +8,7 @@
 //! `OSSO_REQUIRE_E2E=1`, unless `OSSO_DEFER_USERSPACE=1` defers them to layer
 //! 5), see `osso_testkit::require_guest_user_space`. The image comes from
 //! `OSSO_KERNEL` / `OSSO_INITRD` (the test command sets them from the image
-//! manifest), else from the guest build cache (`osso_guest::find`); none is
+//! manifest), else from the guest build cache (`osso_guest::find_built`: `OSSO_IMAGE_DIR`, else the sources' cache keys); none is
 //! built here.
 //!
 //! Deadlines are generous (minutes): under nested KVM everything runs about
@@ -83,8 +83,7 @@ fn prerequisites(check: &str) -> Option<TestImage> {
             kernel: kernel.into(),
             initrd: initrd.into(),
         }),
-        _ => osso_guest::BuildOptions::from_env()
-            .and_then(|o| osso_guest::find(&o))
+        _ => osso_guest::find_built()
             .map(|i| TestImage {
                 kernel: i.vmlinux().to_path_buf(),
                 initrd: i.initramfs().to_path_buf(),
