@@ -63,6 +63,8 @@ impl Rootfs {
         // devtmpfs is mounted over /dev.
         let _ = r.archive.char_dev("dev/null", 0o666, 1, 3);
         r.files.insert("dev/null".into());
+        // As on Debian: iproute2's `ip netns` keeps its files in /run/netns.
+        let _ = r.symlink("var/run", "/run");
         let _ = r.text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n");
         let _ = r.text("etc/group", "root:x:0:\n");
         let _ = r.text("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n");
