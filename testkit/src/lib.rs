@@ -67,8 +67,7 @@ pub fn e2e_required() -> bool {
 }
 
 /// The check `check` cannot run, because of `reason`: prints
-/// `SKIPPED <check>: <reason>` (to stderr and stdout, so it shows with and
-/// without `--nocapture`), or panics under `OSSO_REQUIRE_E2E=1`.
+/// `SKIPPED <check>: <reason>` (stderr), or panics under `OSSO_REQUIRE_E2E=1`.
 pub fn skip_or_fail(check: &str, reason: impl std::fmt::Display) {
     if e2e_required() {
         panic!("{check}: required ({REQUIRE_E2E}=1) but cannot run: {reason}");
@@ -78,9 +77,9 @@ pub fn skip_or_fail(check: &str, reason: impl std::fmt::Display) {
 
 /// Prints the skip line without the `OSSO_REQUIRE_E2E` rule: only for
 /// [`require_guest_user_space`]'s deferral and for checks that are
-/// optional by design.
+/// optional by design. One line on stderr (shown with `--nocapture`, and
+/// with a failing test's output otherwise).
 fn skip(check: &str, reason: impl std::fmt::Display) {
-    println!("SKIPPED {check}: {reason}");
     eprintln!("SKIPPED {check}: {reason}");
 }
 
