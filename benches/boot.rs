@@ -698,6 +698,15 @@ fn qemu_memory(pid: u32) -> (Option<f64>, Option<f64>) {
     (rss, guest)
 }
 
+/// The console line a QEMU run was waiting for when it stopped.
+fn awaited(run: &KernelRun) -> &'static str {
+    if run.init_ms.is_none() {
+        INIT_LINE
+    } else {
+        ONLINE_LINE
+    }
+}
+
 /// One QEMU boot of the same kernel and initramfs; killed at the /init line,
 /// or with `wait_online` (guest user space runs) at the ONLINE line.
 fn qemu_kernel_run(
@@ -805,24 +814,13 @@ fn qemu_kernel_run(
                 break;
             }
             Ok(_) => {
-                failure = Some(format!(
-                    "QEMU ended before the {:?} line",
-                    if run.init_ms.is_none() {
-                        INIT_LINE
-                    } else {
-                        ONLINE_LINE
-                    }
-                ));
+                failure = Some(format!("QEMU ended before the {:?} line", awaited(&run)));
                 break;
             }
             Err(_) => {
                 failure = Some(format!(
                     "no {:?} within {} s",
-                    if run.init_ms.is_none() {
-                        INIT_LINE
-                    } else {
-                        ONLINE_LINE
-                    },
+                    awaited(&run),
                     limit.as_secs()
                 ));
                 break;

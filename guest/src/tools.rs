@@ -43,9 +43,15 @@ enum Probe {
 
 /// Whether `name` is an executable on `PATH`.
 pub fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
+    which(name).is_some()
+}
+
+/// Where `name` is on `PATH`, if it is.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// The Debian packages whose tools are missing, in a stable order.

@@ -42,6 +42,18 @@ impl Artifact {
     }
 }
 
+/// The built program of this kind named `name`, or `package/name`.
+pub fn find<'a>(artifacts: &'a [Artifact], kind: Kind, name: &str) -> Result<&'a Artifact> {
+    let (package, bare) = match name.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, name),
+    };
+    artifacts
+        .iter()
+        .find(|a| a.kind == kind && a.name == bare && package.is_none_or(|p| a.package == p))
+        .ok_or_else(|| Error::NoSuchProgram(format!("{kind:?} {name}")))
+}
+
 #[derive(Deserialize)]
 struct Message {
     reason: String,

@@ -170,16 +170,8 @@ fn find_deb(dir: &Path) -> Option<PathBuf> {
 
 /// Fails with the install command when `tool` is not on PATH.
 pub fn need_tool(tool: &str, fix: &str) -> Result<PathBuf> {
-    which(tool).ok_or_else(|| Error::MissingTool {
+    osso_guest::tools::which(tool).ok_or_else(|| Error::MissingTool {
         tool: tool.into(),
         fix: fix.into(),
     })
-}
-
-/// `tool`'s path on PATH.
-pub fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }

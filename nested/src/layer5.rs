@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::artifacts::{Artifact, Kind};
+use crate::artifacts::{self, Artifact, Kind};
 use crate::error::{Error, Result};
 use crate::plan::{Check, Outcome};
 
@@ -131,15 +131,13 @@ pub const NOT_IN_LEVEL1: &[(&str, &str)] = &[
 ];
 
 fn find(artifacts: &[Artifact], program: Program) -> Result<&Artifact> {
-    let (kind, package, name) = match program {
-        Program::Test(p, n) => (Kind::Test, Some(p), n),
-        Program::Example(n) => (Kind::Example, None, n),
-        Program::Bench(n) => (Kind::Bench, None, n),
-    };
-    artifacts
-        .iter()
-        .find(|a| a.kind == kind && a.name == name && package.is_none_or(|p| a.package == p))
-        .ok_or_else(|| Error::NoSuchProgram(format!("{kind:?} {name}")))
+    match program {
+        Program::Test(package, name) => {
+            artifacts::find(artifacts, Kind::Test, &format!("{package}/{name}"))
+        }
+        Program::Example(name) => artifacts::find(artifacts, Kind::Example, name),
+        Program::Bench(name) => artifacts::find(artifacts, Kind::Bench, name),
+    }
 }
 
 /// A check running `artifact` with `args` in its package directory.

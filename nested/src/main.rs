@@ -118,13 +118,6 @@ fn init_binary(artifacts: &[Artifact]) -> Result<PathBuf> {
         .ok_or_else(|| Error::NoSuchProgram("bin osso-nested".into()))
 }
 
-fn find_artifact<'a>(artifacts: &'a [Artifact], kind: Kind, name: &str) -> Result<&'a Artifact> {
-    artifacts
-        .iter()
-        .find(|a| a.kind == kind && (a.label() == name || a.name == name))
-        .ok_or_else(|| Error::NoSuchProgram(name.into()))
-}
-
 fn real_main(args: Args) -> Result<ExitCode> {
     let ws = workspace()?;
     let opts = Options {
@@ -182,7 +175,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
             timeout,
             args,
         } => {
-            let a = find_artifact(&artifacts, Kind::Test, &name)?;
+            let a = artifacts::find(&artifacts, Kind::Test, &name)?;
             (
                 vec![one(format!("test {}", a.label()), a, args, timeout)],
                 None,
@@ -193,7 +186,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
             timeout,
             args,
         } => {
-            let a = find_artifact(&artifacts, Kind::Example, &name)?;
+            let a = artifacts::find(&artifacts, Kind::Example, &name)?;
             (
                 vec![one(format!("example {}", a.name), a, args, timeout)],
                 None,
@@ -204,7 +197,7 @@ fn real_main(args: Args) -> Result<ExitCode> {
             timeout,
             mut args,
         } => {
-            let a = find_artifact(&artifacts, Kind::Bench, &name)?;
+            let a = artifacts::find(&artifacts, Kind::Bench, &name)?;
             args.insert(0, "--bench".into());
             (
                 vec![one(format!("bench {}", a.name), a, args, timeout)],

@@ -187,7 +187,7 @@ impl Rootfs {
             .output()
             .map_err(|e| Error::io("run ldd", e))?;
         for lib in ldd_paths(&String::from_utf8_lossy(&out.stdout)) {
-            self.copy(&lib, &lib.to_string_lossy())?;
+            self.copy_same(&lib)?;
         }
         Ok(real)
     }

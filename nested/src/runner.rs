@@ -85,18 +85,35 @@ const HOST_PROGRAMS: &[(&str, &str)] = &[
     ("cpio", "the cpio writer's cross-check"),
 ];
 
+/// What level 1 takes from this host and Debian's archive, found (and
+/// fetched, checked) once per run, whatever the number of boots.
+pub struct HostInputs {
+    pub kernel: debs::Kernel,
+    pub busybox: PathBuf,
+    pub qemu: PathBuf,
+}
+
+impl HostInputs {
+    pub fn find() -> Result<HostInputs> {
+        let cache = osso_guest::cache::cache_root();
+        Ok(HostInputs {
+            kernel: debs::kernel(&cache)?,
+            busybox: debs::busybox(&cache)?,
+            qemu: debs::need_tool("qemu-system-x86_64", "apt-get install qemu-system-x86")?,
+        })
+    }
+}
+
 /// Assembles the level-1 root file system into `out`.
 pub fn assemble(
     out: &Path,
+    host: &HostInputs,
     artifacts: &[Artifact],
     image: &GuestImage,
     plan: &Plan,
     init: &Path,
     workspace: &Path,
 ) -> Result<u64> {
-    let cache = osso_guest::cache::cache_root();
-    let kernel = debs::kernel(&cache)?;
-    let busybox = debs::busybox(&cache)?;
     let mut fs = Rootfs::new();
     fs.copy(init, "/init")?;
     let plan_json = serde_json::to_vec_pretty(plan).map_err(|e| Error::Other(e.to_string()))?;
@@ -111,13 +128,12 @@ pub fn assemble(
     if manifest.exists() {
         fs.copy_same(&manifest)?;
     }
-    for m in &kernel.modules {
+    for m in &host.kernel.modules {
         fs.copy_same(m)?;
     }
-    let qemu = debs::need_tool("qemu-system-x86_64", "apt-get install qemu-system-x86")?;
-    fs.qemu(&qemu)?;
+    fs.qemu(&host.qemu)?;
     for (name, why) in HOST_PROGRAMS {
-        match debs::which(name) {
+        match osso_guest::tools::which(name) {
             Some(p) => {
                 fs.program_with_libraries(&p)?;
             }
@@ -127,7 +143,7 @@ pub fn assemble(
         }
     }
     // Real programs first: Busybox links only where nothing else stands.
-    fs.busybox(&busybox)?;
+    fs.busybox(&host.busybox)?;
     for f in tracked_files(workspace) {
         if f.is_file() {
             fs.copy_same(&f)?;
@@ -163,9 +179,8 @@ pub fn run_nested(
     image: &GuestImage,
     init: &Path,
 ) -> Result<Vec<Entry>> {
-    let cache = osso_guest::cache::cache_root();
-    let kernel = debs::kernel(&cache)?;
-    let qemu = debs::need_tool("qemu-system-x86_64", "apt-get install qemu-system-x86")?;
+    let host = HostInputs::find()?;
+    let kernel = &host.kernel;
     let modules: Vec<(String, String)> = kernel
         .modules
         .iter()
@@ -208,7 +223,7 @@ pub fn run_nested(
             checks: pending.iter().map(|i| checks[*i].clone()).collect(),
         };
         let t = Instant::now();
-        let bytes = assemble(&cpio, artifacts, image, &plan, init, &opts.workspace)?;
+        let bytes = assemble(&cpio, &host, artifacts, image, &plan, init, &opts.workspace)?;
         eprintln!(
             "osso-nested: level-1 image {} ({:.0} MB of files) in {:.1} s; booting level 1 (attempt {attempts}, {} checks)",
             cpio.display(),
@@ -218,7 +233,7 @@ pub fn run_nested(
         );
         let limit: u64 = plan.checks.iter().map(|c| c.timeout_s).sum();
         let l0 = Level0 {
-            qemu: qemu.clone(),
+            qemu: host.qemu.clone(),
             kernel: kernel.vmlinuz.clone(),
             initrd: cpio.clone(),
             mem_mib: opts.mem_mib,
