@@ -7,10 +7,13 @@
 //! The serial console is level 1's only channel: every line is echoed live,
 //! protocol lines ([`crate::plan::Event`]) are parsed, and a level 1 that
 //! prints nothing (not even `/init`'s heartbeat) for the hang limit is taken
-//! for hung and killed.
+//! for hung and killed. Before it is killed, QEMU's monitor (a Unix socket
+//! in the run's directory) is asked for the level-1 CPU's registers, so a
+//! hang leaves a trace of where the CPU was.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -34,6 +37,8 @@ pub struct Level0 {
     pub echo: bool,
     /// The plan's check names, in order (for progress lines).
     pub names: Vec<String>,
+    /// QEMU's human monitor listens here (asked for registers on a hang).
+    pub monitor: PathBuf,
 }
 
 /// What one level-0 run saw.
@@ -48,6 +53,8 @@ pub struct Run {
     pub done: bool,
     /// Killed by the hang detector, after this many seconds of silence.
     pub hung: Option<u64>,
+    /// The monitor's `info registers` at the hang, when it answered.
+    pub registers: Option<String>,
     /// Killed at the overall time limit.
     pub timed_out: bool,
     pub seconds: f64,
@@ -61,17 +68,22 @@ enum Msg {
 }
 
 impl Level0 {
-    /// The kernel command line of level 1.
+    /// The kernel command line of level 1 (`nokaslr`: the System.map's
+    /// addresses name the code a hung CPU was in).
     fn append() -> &'static str {
-        "console=ttyS0 loglevel=4 panic=-1 mitigations=off rdinit=/init"
+        "console=ttyS0 loglevel=4 panic=-1 mitigations=off nokaslr rdinit=/init"
     }
 
     fn command(&self) -> Command {
+        let mut monitor = std::ffi::OsString::from("unix:");
+        monitor.push(&self.monitor);
+        monitor.push(",server=on,wait=off");
         let mut c = Command::new(&self.qemu);
         c.args(["-nodefaults", "-no-user-config", "-nic", "none"])
             .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
             .args(["-m", &self.mem_mib.to_string()])
-            .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+            .args(["-display", "none", "-serial", "stdio", "-monitor"])
+            .arg(monitor)
             .arg("-no-reboot")
             .arg("-kernel")
             .arg(&self.kernel)
@@ -110,6 +122,8 @@ impl Level0 {
     /// Boots level 1 and follows it until it powers off, hangs or runs out of time.
     pub fn run(&self, checks: usize) -> Result<Run> {
         let started = Instant::now();
+        // A socket left by an earlier run would make QEMU refuse to start.
+        let _ = std::fs::remove_file(&self.monitor);
         let mut child = self
             .command()
             .spawn()
@@ -180,6 +194,7 @@ impl Level0 {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if Instant::now() < deadline {
                         run.hung = Some(self.hang.as_secs());
+                        run.registers = ask_monitor(&self.monitor, "info registers");
                     } else {
                         run.timed_out = true;
                     }
@@ -191,9 +206,52 @@ impl Level0 {
         }
         let _ = child.wait();
         let _ = reader.join();
+        let _ = std::fs::remove_file(&self.monitor);
         run.seconds = started.elapsed().as_secs_f64();
         Ok(run)
     }
+}
+
+/// Sends one command to QEMU's human monitor and returns what it printed
+/// before its next prompt (None if it did not answer within a few seconds).
+fn ask_monitor(socket: &Path, command: &str) -> Option<String> {
+    const PROMPT: &str = "(qemu) ";
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    // The banner ends with the first prompt; the command's answer with the
+    // second.
+    let mut sent = false;
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if !sent && text.contains(PROMPT) {
+            s.write_all(format!("{command}\n").as_bytes()).ok()?;
+            text.clear();
+            sent = true;
+        } else if sent && text.trim_end().ends_with(PROMPT.trim_end()) {
+            let answer = text.trim_end().trim_end_matches(PROMPT.trim_end());
+            // The monitor echoes the command (with terminal escapes) first.
+            let answer = answer
+                .split_once('\n')
+                .map(|(_, rest)| rest)
+                .unwrap_or(answer);
+            return Some(answer.replace('\r', ""));
+        }
+    }
+}
+
+/// The value of register `name` (e.g. "RIP") in `info registers` output.
+pub fn register(registers: &str, name: &str) -> Option<u64> {
+    let key = format!("{name}=");
+    registers.split_whitespace().find_map(|w| {
+        w.strip_prefix(&key)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+    })
 }
 
 /// Kills level 0 (our own child, by its handle).
@@ -221,6 +279,41 @@ pub fn check_output(console: &str, index: usize) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registers_are_read_from_info_registers() {
+        let text = "RAX=0000000000000000 RBX=ffff888100000000\nRIP=ffffffff81a3c0d2 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1";
+        assert_eq!(register(text, "RIP"), Some(0xffff_ffff_81a3_c0d2));
+        assert_eq!(register(text, "RBX"), Some(0xffff_8881_0000_0000));
+        assert_eq!(register(text, "RSP"), None);
+    }
+
+    #[test]
+    fn the_monitor_is_asked_and_its_answer_kept() {
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("osso-nested-mon-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("monitor.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).unwrap();
+        let fake_qemu = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n(qemu) ")
+                .unwrap();
+            let mut got = [0u8; 64];
+            let n = s.read(&mut got).unwrap();
+            assert_eq!(&got[..n], b"info registers\n");
+            s.write_all(b"info registers\r\nRIP=ffffffff81000000 HLT=0\r\n(qemu) ")
+                .unwrap();
+        });
+        let answer = ask_monitor(&socket, "info registers").unwrap();
+        fake_qemu.join().unwrap();
+        assert_eq!(answer.trim(), "RIP=ffffffff81000000 HLT=0");
+        // Nobody listening: no answer, no error.
+        std::fs::remove_file(&socket).unwrap();
+        assert!(ask_monitor(&socket, "info registers").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_checks_output_is_what_it_printed_between_its_marks() {

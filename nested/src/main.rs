@@ -27,10 +27,11 @@ struct Args {
     #[arg(long, default_value_t = 4096, global = true)]
     mem_mib: u32,
     /// Seconds without any console output from level 1 before it counts as hung.
-    #[arg(long, default_value_t = 240, global = true)]
+    #[arg(long, default_value_t = 120, global = true)]
     hang_secs: u64,
-    /// Boots after a hang before giving up.
-    #[arg(long, default_value_t = 1, global = true)]
+    /// Boots after a hang before giving up (each boot reruns only what had
+    /// not finished).
+    #[arg(long, default_value_t = 3, global = true)]
     retries: u32,
     /// Do not echo level 1's console.
     #[arg(long, global = true)]

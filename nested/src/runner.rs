@@ -1,5 +1,5 @@
 //! One harness run: the level-1 image assembled from the artifacts, the Osso
-//! image and the Debian packages, then the plan run in level 1, with one retry
+//! image and the Debian packages, then the plan run in level 1, with retries
 //! of what had not finished when level 1 hung; or, on hardware KVM, the same
 //! checks run directly on this host.
 
@@ -14,6 +14,10 @@ use crate::level0::Level0;
 use crate::plan::{Check, Outcome, Plan, PLAN_PATH};
 use crate::rootfs::Rootfs;
 
+/// Level 1's `/init` says it is alive this often while a check runs, so a
+/// silent console for many of these means level 1 itself stopped.
+pub const HEARTBEAT_S: u64 = 10;
+
 /// Lines of a failing check's output shown by a quiet run.
 const FAILED_TAIL_LINES: usize = 120;
 
@@ -25,7 +29,10 @@ pub struct Options {
     pub hang: Duration,
     /// Added to the sum of the checks' limits for the whole run.
     pub margin: Duration,
-    /// Retries after a hang (the measurements: one is enough).
+    /// Boots after a hang. QEMU 7.2's emulated SVM sometimes stops level 1
+    /// for good (measured: see nested-kvm.md and the README); a hang costs
+    /// `hang` plus a boot, and the checks that had finished keep their
+    /// results.
     pub retries: u32,
     pub echo: bool,
 }
@@ -219,7 +226,7 @@ pub fn run_nested(
         let plan = Plan {
             env: check_env(image, true),
             modules: modules.clone(),
-            heartbeat_s: 20,
+            heartbeat_s: HEARTBEAT_S,
             checks: pending.iter().map(|i| checks[*i].clone()).collect(),
         };
         let t = Instant::now();
@@ -241,10 +248,16 @@ pub fn run_nested(
             timeout: Duration::from_secs(limit) + opts.margin,
             echo: opts.echo,
             names: plan.checks.iter().map(|c| c.name.clone()).collect(),
+            monitor: dir.join("monitor.sock"),
         };
         let run = l0.run(plan.checks.len())?;
         let log = dir.join(format!("console-{attempts}.txt"));
-        if let Err(e) = std::fs::write(&log, &run.console) {
+        let mut kept = run.console.clone();
+        if let Some(r) = &run.registers {
+            kept.push_str("\n--- osso-nested: level 1's CPU when it was taken for hung (QEMU monitor, info registers)\n");
+            kept.push_str(r);
+        }
+        if let Err(e) = std::fs::write(&log, &kept) {
             eprintln!(
                 "osso-nested: cannot keep level 1's console in {}: {e}",
                 log.display()
@@ -286,10 +299,14 @@ pub fn run_nested(
         }
         if let Some(s) = run.hung {
             note.push_str(&format!(
-                ", HUNG (no console output for {s} s){}",
+                ", HUNG (no console output for {s} s){}{}",
                 where_
                     .as_ref()
                     .map(|w| format!(" during {w}"))
+                    .unwrap_or_default(),
+                run.registers
+                    .as_deref()
+                    .map(|r| hung_cpu(r, kernel.system_map.as_deref()))
                     .unwrap_or_default()
             ));
         }
@@ -331,6 +348,28 @@ pub fn run_nested(
         },
     );
     Ok(entries)
+}
+
+/// Where a hung level 1's CPU was: RIP (with its level-1 kernel symbol when
+/// the System.map names one; in level 2 the same address means another
+/// kernel), halted or not, and CR3.
+fn hung_cpu(registers: &str, system_map: Option<&Path>) -> String {
+    use crate::level0::register;
+    let Some(rip) = register(registers, "RIP") else {
+        return ", registers unreadable".into();
+    };
+    let symbol = system_map
+        .and_then(|m| std::fs::read_to_string(m).ok())
+        .and_then(|m| debs::symbolize(&m, rip))
+        .map(|s| format!(" = level-1 {s}?"))
+        .unwrap_or_default();
+    let halted = register(registers, "HLT").map(|h| if h == 1 { ", halted" } else { ", running" });
+    let cr3 = register(registers, "CR3").map(|c| format!(", CR3 {c:#x}"));
+    format!(
+        "; CPU at RIP {rip:#x}{symbol}{}{}",
+        halted.unwrap_or_default(),
+        cr3.unwrap_or_default()
+    )
 }
 
 /// Runs `checks` here, one after another (a host with hardware KVM).
