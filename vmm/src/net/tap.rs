@@ -21,9 +21,6 @@ use super::NetBackend;
 
 const TUN_PATH: &str = "/dev/net/tun";
 /// `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 /// Longest interface name (IFNAMSIZ - 1).
 const MAX_NAME_LEN: usize = 15;
 
@@ -61,15 +58,6 @@ pub fn validate_name(name: &str) -> Result<(), TapError> {
     }
 }
 
-/// `struct ifreq` as used by TUNSETIFF: the name and the flags, padded to
-/// the kernel's 40 bytes.
-#[repr(C)]
-struct IfReqFlags {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 /// An open TAP device (non-blocking).
 #[derive(Debug)]
 pub struct Tap {
@@ -90,16 +78,20 @@ impl Tap {
                 io::ErrorKind::NotFound => TapError::NoTunDevice,
                 _ => TapError::OpenTun(e),
             })?;
-        let mut ifr = IfReqFlags {
-            name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI,
-            _pad: [0; 22],
+        // The flags fit a c_short (the ifreq field TUNSETIFF reads).
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        let mut ifr = libc::ifreq {
+            ifr_name: [0; libc::IFNAMSIZ],
+            ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_flags: flags },
         };
-        ifr.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes on
-        // Linux); `ifr` is a live, properly aligned #[repr(C)] value of that
-        // size, and `file` is an open /dev/net/tun descriptor.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut ifr) };
+        // validate_name: at most 15 bytes, so the name stays NUL-terminated.
+        for (d, b) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = b as libc::c_char;
+        }
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `ifr` is a
+        // live libc::ifreq (the kernel's layout), and `file` is an open
+        // /dev/net/tun descriptor.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut ifr) };
         if ret < 0 {
             let source = io::Error::last_os_error();
             let name = name.to_string();
@@ -156,11 +148,6 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
         assert!(matches!(Tap::open("a/b"), Err(TapError::InvalidName(_))));
-    }
-
-    #[test]
-    fn ifreq_layout() {
-        assert_eq!(std::mem::size_of::<IfReqFlags>(), 40);
     }
 
     /// Creates a TAP device inside a network namespace private to a test

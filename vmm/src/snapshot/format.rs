@@ -1,10 +1,11 @@
-//! The snapshot format, version 1.
+//! The snapshot format, version 2 (version 1 stored KVM structs as hex text
+//! and summed the body with FNV-1a; it is refused with a version error).
 //!
 //! A snapshot is a directory of two files:
 //!
 //! * `state.osso`: one line of JSON, the [`Header`], a newline, then the body:
 //!   the JSON of [`SnapshotBody`], exactly `header.body_len` bytes whose
-//!   FNV-1a 64 hash is `header.body_fnv1a64`. The header is read first and
+//!   CRC-64/XZ is `header.body_crc64`. The header is read first and
 //!   checked (magic, format version, the [`HostFacts`] that must match this
 //!   host) before the body is even parsed, so an incompatible snapshot is
 //!   refused with an error naming what differs; a body that is shorter than
@@ -12,8 +13,9 @@
 //! * `memory.raw`: guest RAM from guest physical address 0, raw, exactly
 //!   `header.memory_bytes` long. Restore maps it copy-on-write (`MAP_PRIVATE`).
 //!
-//! KVM structs are stored as the hex of their bytes ([`KvmBlob`]), whose
-//! length is checked on reading. The VMM's own device state is plain JSON.
+//! KVM structs are stored as their bytes, by kvm-bindings' `serde` feature
+//! ([`KvmBlob`]; `kvm_fpu` field by field, [`Fpu`]). The VMM's own device
+//! state is plain JSON.
 //!
 //! What is *not* in a snapshot: the user-mode network stack (smoltcp) and
 //! host-side connections. A restored VM gets a fresh user network: TCP
@@ -27,13 +29,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::blob::KvmBlob;
+use super::blob::{Fpu, KvmBlob};
 use super::SnapshotError;
 
 /// Magic string in every header.
 pub const MAGIC: &str = "osso-snapshot";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The state file's name in a snapshot directory.
 pub const STATE_FILE: &str = "state.osso";
 /// The guest memory file's name in a snapshot directory.
@@ -135,10 +137,19 @@ pub struct Header {
     pub host: HostFacts,
     /// Length of the body in bytes.
     pub body_len: u64,
-    /// FNV-1a 64 of the body, hex.
-    pub body_fnv1a64: String,
+    /// CRC-64/XZ of the body, hex.
+    pub body_crc64: String,
     /// Length of `memory.raw` in bytes.
     pub memory_bytes: u64,
+}
+
+/// The fields every format version's header starts with.
+#[derive(Deserialize)]
+struct HeaderIdent {
+    magic: String,
+    format_version: u32,
+    #[serde(default)]
+    vmm_version: String,
 }
 
 /// One MSR.
@@ -163,7 +174,7 @@ pub struct VcpuState {
     /// Special registers.
     pub sregs: KvmBlob<kvm_bindings::kvm_sregs>,
     /// x87/SSE state (`KVM_GET_FPU`).
-    pub fpu: Option<KvmBlob<kvm_bindings::kvm_fpu>>,
+    pub fpu: Option<Fpu>,
     /// Extended state (`KVM_GET_XSAVE`, legacy 4 KiB area).
     pub xsave: Option<KvmBlob<kvm_bindings::kvm_xsave>>,
     /// XCRs.
@@ -342,14 +353,10 @@ pub struct SnapshotBody {
     pub devices: DeviceStates,
 }
 
-/// FNV-1a, 64 bits.
-pub fn fnv1a64(b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for x in b {
-        h ^= u64::from(*x);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+/// The body's checksum: CRC-64/XZ (the one xz and most tools call CRC-64).
+pub fn crc64(b: &[u8]) -> u64 {
+    const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+    CRC64.checksum(b)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -373,7 +380,7 @@ pub fn write_state(
         vmm_version: env!("CARGO_PKG_VERSION").to_string(),
         host: host.clone(),
         body_len: body_json.len() as u64,
-        body_fnv1a64: format!("{:016x}", fnv1a64(&body_json)),
+        body_crc64: format!("{:016x}", crc64(&body_json)),
         memory_bytes,
     };
     let mut out = serde_json::to_vec(&header).map_err(|e| SnapshotError::Encode(e.to_string()))?;
@@ -410,18 +417,22 @@ pub fn parse_state(
         .take(MAX_HEADER_LEN)
         .position(|b| *b == b'\n')
         .ok_or_else(|| not_snapshot("no header line".into()))?;
-    let header: Header = serde_json::from_slice(&bytes[..nl])
+    // Magic and version first: the rest of the header may have another
+    // shape in another version, and that is a version error, not damage.
+    let ident: HeaderIdent = serde_json::from_slice(&bytes[..nl])
         .map_err(|e| not_snapshot(format!("header is not valid: {e}")))?;
-    if header.magic != MAGIC {
-        return Err(not_snapshot(format!("bad magic {:?}", header.magic)));
+    if ident.magic != MAGIC {
+        return Err(not_snapshot(format!("bad magic {:?}", ident.magic)));
     }
-    if header.format_version != FORMAT_VERSION {
+    if ident.format_version != FORMAT_VERSION {
         return Err(SnapshotError::Version {
-            found: header.format_version,
+            found: ident.format_version,
             supported: FORMAT_VERSION,
-            written_by: header.vmm_version.clone(),
+            written_by: ident.vmm_version,
         });
     }
+    let header: Header = serde_json::from_slice(&bytes[..nl])
+        .map_err(|e| not_snapshot(format!("header is not valid: {e}")))?;
     if let Some((what, snap, here)) = header.host.first_mismatch(host) {
         return Err(SnapshotError::HostMismatch {
             what,
@@ -447,13 +458,13 @@ pub fn parse_state(
             ),
         });
     }
-    let sum = format!("{:016x}", fnv1a64(body));
-    if sum != header.body_fnv1a64 {
+    let sum = format!("{:016x}", crc64(body));
+    if sum != header.body_crc64 {
         return Err(SnapshotError::Corrupt {
             path: path.to_path_buf(),
             reason: format!(
                 "body checksum {sum} differs from the header's {}",
-                header.body_fnv1a64
+                header.body_crc64
             ),
         });
     }
@@ -556,7 +567,7 @@ mod tests {
                     ..Default::default()
                 }),
                 sregs: KvmBlob(sregs),
-                fpu: Some(KvmBlob(fpu)),
+                fpu: Some(Fpu(fpu)),
                 xsave: Some(KvmBlob(xsave)),
                 xcrs: Some(KvmBlob(xcrs)),
                 debugregs: Some(KvmBlob(kvm_bindings::kvm_debugregs {
@@ -680,25 +691,58 @@ mod tests {
     }
 
     #[test]
-    fn other_version_or_host_is_refused() {
-        let (d, b) = write_sample();
-        let p = d.path().join(STATE_FILE);
-        let text = std::fs::read_to_string(&p).unwrap();
-        let v2 = text.replacen("\"format_version\":1", "\"format_version\":2", 1);
-        std::fs::write(&p, v2).unwrap();
+    fn a_version_1_snapshot_is_refused_with_a_version_error() {
+        // The state file as osso-vmm 0.1 wrote version 1: the header had
+        // `body_fnv1a64`, the body hex strings for KVM structs.
+        let body = br#"{"mem_mib":128,"boot_protocol":"pvh","vcpus":[{"id":0,"cpuid":[],"regs":"00","sregs":"00"}]}"#;
+        let header = format!(
+            r#"{{"magic":"osso-snapshot","format_version":1,"vmm_version":"0.1.0","host":{{"kvm_kind":"pvm","kvm_api_version":12,"cpu_vendor":"GenuineIntel","cpu_family_model":"6/85/7","cpu_model_name":"x"}},"body_len":{},"body_fnv1a64":"0123456789abcdef","memory_bytes":0}}"#,
+            body.len()
+        );
+        let d = tempfile::tempdir().unwrap();
+        let mut bytes = header.into_bytes();
+        bytes.push(b'\n');
+        bytes.extend_from_slice(body);
+        std::fs::write(d.path().join(STATE_FILE), bytes).unwrap();
         let e = read_state(d.path(), &host()).unwrap_err();
         assert!(
             matches!(
                 e,
                 SnapshotError::Version {
-                    found: 2,
-                    supported: 1,
+                    found: 1,
+                    supported: FORMAT_VERSION,
                     ..
                 }
             ),
             "{e}"
         );
-        assert!(e.to_string().contains("format version 2"), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("format version 1") && msg.contains("osso-vmm 0.1.0"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn other_version_or_host_is_refused() {
+        let (d, b) = write_sample();
+        let p = d.path().join(STATE_FILE);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let v3 = text.replacen("\"format_version\":2", "\"format_version\":3", 1);
+        std::fs::write(&p, v3).unwrap();
+        let e = read_state(d.path(), &host()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SnapshotError::Version {
+                    found: 3,
+                    supported: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("format version 3"), "{e}");
 
         write_state(d.path(), &host(), &b, 0).unwrap();
         let mut other = host();

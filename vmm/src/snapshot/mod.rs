@@ -46,7 +46,7 @@ use crate::machine::{Machine, MachineBuilder, VmConfig, VmmError};
 pub use crate::metrics::RestoreMetrics;
 use crate::net::NetConfig;
 use crate::virtio::attach::{attach_net, AttachedNet};
-use blob::KvmBlob;
+use blob::{Fpu, KvmBlob};
 pub use format::{
     DeviceStates, Header, HostFacts, MsrValue, SerialState, SnapshotBody, VcpuState,
     VirtioMmioState, VirtioNetState, VirtqueueState, VmState,
@@ -220,13 +220,13 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrValue>, KvmError> 
 /// Saves one vCPU's state. Call on a vCPU that is out of `KVM_RUN` (parked),
 /// after pending I/O was completed.
 pub fn save_vcpu(id: u8, vcpu: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, KvmError> {
-    fn opt<T: blob::KvmPod>(
+    fn opt<T>(
         unsupported: &mut Vec<String>,
         what: &str,
         r: Result<T, kvm_ioctls::Error>,
-    ) -> Option<KvmBlob<T>> {
+    ) -> Option<T> {
         match r {
-            Ok(v) => Some(KvmBlob(v)),
+            Ok(v) => Some(v),
             Err(e) => {
                 unsupported.push(format!("{what}: {e}"));
                 None
@@ -235,13 +235,13 @@ pub fn save_vcpu(id: u8, vcpu: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, K
     }
     let mut unsupported = Vec::new();
     let u = &mut unsupported;
-    let mp_state = opt(u, "KVM_GET_MP_STATE", vcpu.get_mp_state());
-    let fpu = opt(u, "KVM_GET_FPU", vcpu.get_fpu());
-    let xsave = opt(u, "KVM_GET_XSAVE", vcpu.get_xsave());
-    let xcrs = opt(u, "KVM_GET_XCRS", vcpu.get_xcrs());
-    let debugregs = opt(u, "KVM_GET_DEBUGREGS", vcpu.get_debug_regs());
-    let lapic = opt(u, "KVM_GET_LAPIC", vcpu.get_lapic());
-    let events = opt(u, "KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events());
+    let mp_state = opt(u, "KVM_GET_MP_STATE", vcpu.get_mp_state()).map(KvmBlob);
+    let fpu = opt(u, "KVM_GET_FPU", vcpu.get_fpu()).map(Fpu);
+    let xsave = opt(u, "KVM_GET_XSAVE", vcpu.get_xsave()).map(KvmBlob);
+    let xcrs = opt(u, "KVM_GET_XCRS", vcpu.get_xcrs()).map(KvmBlob);
+    let debugregs = opt(u, "KVM_GET_DEBUGREGS", vcpu.get_debug_regs()).map(KvmBlob);
+    let lapic = opt(u, "KVM_GET_LAPIC", vcpu.get_lapic()).map(KvmBlob);
+    let events = opt(u, "KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events()).map(KvmBlob);
     let cpuid = match vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
         Ok(c) => c.as_slice().iter().map(|e| KvmBlob(*e)).collect(),
         Err(e) => {
