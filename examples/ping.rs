@@ -39,6 +39,21 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let host = HostKvm::detect();
     println!("osso ping: host KVM is {host}");
+    // The image first: built here from Debian's kernel and Toybox sources the
+    // first time (minutes, with progress bars), found in milliseconds after.
+    println!("osso ping: finding the Osso image (building it if this is the first run)");
+    match osso_sdk::build_image(&Config::default()) {
+        Ok(size) => println!(
+            "osso ping: image ready, {:.2} MB (kernel {:.2} + initramfs {:.2})",
+            size.total_bytes as f64 / 1e6,
+            size.kernel_bytes as f64 / 1e6,
+            size.initramfs_bytes as f64 / 1e6
+        ),
+        Err(e) => {
+            eprintln!("osso ping: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match host {
         HostKvm::Hardware => guest_pings_gateway(),
         HostKvm::Pvm => host_pings_parked_kernel(args.pings),

@@ -170,7 +170,7 @@ fn run(args: &Args) -> Result<Report, osso_sdk::Error> {
     // The image first (built here when nothing is built yet), so that
     // neither its time nor the builder's memory counts as the cold VM's.
     let t = Instant::now();
-    osso_sdk::prepare_image(&template_config)?;
+    osso_sdk::build_image(&template_config)?;
     println!("image prepared in {:.1} ms", ms(t.elapsed()));
 
     // Cold boot.

@@ -29,6 +29,12 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // Jobs boot the default image: find it, or build it once up front
+    // (minutes the first time, with progress bars) rather than in a request.
+    if let Err(e) = osso_sdk::build_image(&osso_sdk::Config::default()) {
+        eprintln!("serve: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let (tx, rx) = mpsc::channel::<(usize, String)>();
     let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
     let workers: Vec<_> = (0..args.parallel.max(1))

@@ -14,7 +14,8 @@ use crate::error::Error;
 pub enum Image {
     /// The default Osso image: the prebuilt image directory named by
     /// [`crate::IMAGE_DIR_ENV`] (`OSSO_IMAGE_DIR`) when it is set, else the
-    /// one `osso-guest` builds from its sources (built on first use).
+    /// one `osso-guest` built from its sources (built by `osso-guest build`
+    /// or [`crate::build_image`], never by `spawn`).
     #[default]
     Default,
     /// A prebuilt Osso image directory (what `osso-guest build` prints, or a

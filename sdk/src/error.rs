@@ -8,9 +8,23 @@ pub enum Error {
     /// The configuration cannot work (bad memory size, vCPU count, ports...).
     #[error("bad configuration: {0}")]
     Config(String),
-    /// The guest image could not be built or found.
+    /// The guest image could not be built, found or read.
     #[error("guest image: {0}")]
     Image(#[from] osso_guest::Error),
+    /// The default Osso image has not been built: `spawn` never builds it
+    /// (a kernel build takes minutes and may install packages). Build it with
+    /// `osso-guest build` or [`crate::build_image`] first, or name a prebuilt
+    /// directory ([`crate::ConfigBuilder::image_dir`], `OSSO_IMAGE_DIR`).
+    #[error(
+        "no Osso image has been built (cache {}): build it first with \
+         `cargo run -p osso-guest --release -- build` or `osso_sdk::build_image()`, \
+         or name a prebuilt image directory with OSSO_IMAGE_DIR",
+        cache.display()
+    )]
+    NoImage {
+        /// The cache the image was looked for in.
+        cache: std::path::PathBuf,
+    },
     /// A prebuilt image directory ([`crate::ConfigBuilder::image_dir`] or
     /// `OSSO_IMAGE_DIR`) is not a usable Osso image: no or a bad
     /// `manifest.json`, or a file it names missing, of another size, or with

@@ -4,7 +4,9 @@
 //! Precedence for the Osso image (not a [`Image::Custom`] one):
 //! [`Image::Dir`] (`ConfigBuilder::image_dir`), then the directory in
 //! `OSSO_IMAGE_DIR` ([`crate::IMAGE_DIR_ENV`]), then the image `osso-guest`
-//! finds or builds from its sources.
+//! built from its sources. Nothing here builds: an image that was never built
+//! is [`Error::NoImage`], naming the command and the call that build it
+//! ([`crate::build_image`]).
 //!
 //! A directory is checked ([`osso_guest::open_image_dir`]: manifest, sizes,
 //! sha256 of every file) the first time a process boots it. Later spawns only
@@ -26,7 +28,7 @@ use crate::error::Error;
 pub(crate) enum ImageChoice {
     /// A prebuilt directory, and what named it.
     Dir { dir: PathBuf, via: &'static str },
-    /// `osso-guest`'s image from its sources (built on first use).
+    /// `osso-guest`'s image from its sources (built beforehand).
     FromSources,
 }
 
@@ -52,11 +54,22 @@ pub(crate) fn choose(image: &Image, env: Option<OsString>) -> Option<ImageChoice
     }
 }
 
-/// The Osso image for a non-custom `image` setting, by precedence.
-pub(crate) fn osso_image(image: &Image) -> Result<osso_guest::Image, Error> {
+/// The Osso image for a non-custom `image` setting, by precedence; `build`:
+/// build it from its sources when it is not built (only [`crate::build_image`]
+/// asks for that).
+pub(crate) fn osso_image(image: &Image, build: bool) -> Result<osso_guest::Image, Error> {
     match choose(image, std::env::var_os(crate::IMAGE_DIR_ENV)) {
         Some(ImageChoice::Dir { dir, via }) => Ok(open_checked(&dir, via)?.0),
-        Some(ImageChoice::FromSources) | None => Ok(osso_guest::default_image()?),
+        Some(ImageChoice::FromSources) | None => {
+            let opts = osso_guest::BuildOptions::from_env()?;
+            if build {
+                return Ok(osso_guest::build(&opts)?);
+            }
+            osso_guest::find(&opts).map_err(|e| match e {
+                osso_guest::Error::NoImage(cache) => Error::NoImage { cache },
+                other => Error::Image(other),
+            })
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! // Boot the default Osso image (built on first use) and wait until it is ready.
+//! // Build the default Osso image once (minutes the first time; found in
+//! // milliseconds after), then boot it and wait until it is ready.
+//! osso_sdk::build_image(&osso_sdk::Config::default())?;
 //! let vm = osso_sdk::spawn(osso_sdk::Config::builder().mem_mib(128).build())?;
 //! println!("{}", vm.metrics());              // boot time, RSS, image size
 //! let rtt = vm.ping(1, Duration::from_secs(1))?; // through the user-mode network
@@ -25,9 +27,11 @@
 //! # Ok::<(), osso_sdk::Error>(())
 //! ```
 //!
-//! Which image: by default the Osso image `osso-guest` finds or builds from
-//! its sources (the kernel and Toybox sources must be at hand, even for an
-//! image already built: its cache key hashes them). To boot a prebuilt image
+//! Which image: by default the Osso image `osso-guest` built from its
+//! sources (the kernel and Toybox sources must be at hand, even for an image
+//! already built: its cache key hashes them). Only [`build_image`] (or
+//! `osso-guest build`) builds it; `spawn`, `run` and `prepare_image` never
+//! do, and fail at once with [`Error::NoImage`] when it was never built. To boot a prebuilt image
 //! without the sources, point the SDK at its directory (the one `osso-guest
 //! build` prints, or a copy of it) with [`ConfigBuilder::image_dir`] or the
 //! environment variable [`IMAGE_DIR_ENV`] (`OSSO_IMAGE_DIR`); the option
@@ -64,7 +68,7 @@ pub use metrics::{Metrics, RestoreFigures};
 pub use osso_vmm::net::user::PARKED_KERNEL_CMDLINE;
 pub use pool::Pool;
 pub use reaper::wait_for_background_teardown;
-pub use vm::{prepare_image, restore, spawn, Exit, Vm};
+pub use vm::{build_image, prepare_image, restore, spawn, Exit, Vm};
 
 /// The environment variable naming a prebuilt Osso image directory to boot
 /// when the config does not name one ([`ConfigBuilder::image_dir`] wins over
