@@ -181,11 +181,10 @@ impl Config {
             }
         }
         if let Network::Tap(name) = &self.network {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-                return Err(Error::Config(format!(
-                    "TAP name {name:?}: 1 to 15 characters, no '/', space or NUL"
-                )));
-            }
+            // The VMM's own rule, so that a name passes here only if the
+            // VMM will take it.
+            osso_vmm::net::tap::validate_name(name)
+                .map_err(|e| Error::Config(format!("TAP name: {e}")))?;
         }
         if self.ready == ReadyWhen::GuestPing && !matches!(self.network, Network::User { .. }) {
             return Err(Error::Config(
@@ -377,5 +376,19 @@ mod tests {
         assert_eq!(c.lifetime, Some(Duration::from_secs(9)));
         let c = Config::builder().image_dir("/srv/osso-image").build();
         assert_eq!(c.image, Image::Dir("/srv/osso-image".into()));
+    }
+
+    #[test]
+    fn a_tap_name_passes_only_if_the_vmm_takes_it() {
+        for name in ["osso0", "tap_15_chars_ok"] {
+            assert!(Config::builder().tap(name).build().validate().is_ok(), "{name}");
+            assert!(osso_vmm::net::tap::validate_name(name).is_ok());
+        }
+        // Names the SDK's old rule let through and the VMM refused.
+        for name in ["a:b", "..", "t\u{e4}p", "tab\tname", "", "0123456789abcdefg"] {
+            let e = Config::builder().tap(name).build().validate().unwrap_err();
+            assert!(e.to_string().contains("TAP name"), "{name:?}: {e}");
+            assert!(osso_vmm::net::tap::validate_name(name).is_err());
+        }
     }
 }
