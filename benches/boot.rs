@@ -52,6 +52,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use osso_sdk::{Config, HostKvm, ReadyWhen};
+use osso_testkit::stats;
 use osso_vmm::metrics::{memory_figures, process_rss_bytes};
 use osso_vmm::net::{MacAddr, NetBackendConfig, NetConfig};
 use osso_vmm::testing::{tiny_elf, Then};
@@ -70,24 +71,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Percentile of sorted values: the sample at rank round((n - 1) * p).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-/// The median of sorted values (the mean of the middle two for an even count).
-fn median(sorted: &[f64]) -> f64 {
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 /// One figure: a set of samples of one metric of one system.
@@ -109,18 +92,17 @@ struct Report {
 
 impl Report {
     fn add(&mut self, system: &str, metric: &str, unit: &'static str, samples: &[f64], how: &str) {
-        let mut s: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
-        if s.is_empty() {
+        let s = stats::sorted(samples.iter().copied().filter(|v| v.is_finite()));
+        let (Some(median), Some(p95)) = (stats::median(&s), stats::percentile(&s, 0.95)) else {
             self.note(format!("{system} {metric}: no samples"));
             return;
-        }
-        s.sort_by(|a, b| a.total_cmp(b));
+        };
         self.figures.push(Figure {
             system: system.into(),
             metric: metric.into(),
             unit,
-            median: median(&s),
-            p95: percentile(&s, 0.95),
+            median,
+            p95,
             runs: s.len(),
             how: how.into(),
         });

@@ -108,12 +108,9 @@ fn main() -> ExitCode {
 }
 
 /// The `q` quantile (0..=1) of sorted `v`, nearest rank.
+/// The nearest-rank quantile of sorted samples (NaN for none).
 fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+    osso_testkit::stats::percentile(sorted, q).unwrap_or(f64::NAN)
 }
 
 fn ms(d: Duration) -> f64 {

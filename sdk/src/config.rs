@@ -381,11 +381,21 @@ mod tests {
     #[test]
     fn a_tap_name_passes_only_if_the_vmm_takes_it() {
         for name in ["osso0", "tap_15_chars_ok"] {
-            assert!(Config::builder().tap(name).build().validate().is_ok(), "{name}");
+            assert!(
+                Config::builder().tap(name).build().validate().is_ok(),
+                "{name}"
+            );
             assert!(osso_vmm::net::tap::validate_name(name).is_ok());
         }
         // Names the SDK's old rule let through and the VMM refused.
-        for name in ["a:b", "..", "t\u{e4}p", "tab\tname", "", "0123456789abcdefg"] {
+        for name in [
+            "a:b",
+            "..",
+            "t\u{e4}p",
+            "tab\tname",
+            "",
+            "0123456789abcdefg",
+        ] {
             let e = Config::builder().tap(name).build().validate().unwrap_err();
             assert!(e.to_string().contains("TAP name"), "{name:?}: {e}");
             assert!(osso_vmm::net::tap::validate_name(name).is_err());

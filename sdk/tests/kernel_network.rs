@@ -39,9 +39,9 @@ fn parked_kernel(image: &osso_guest::Image) -> osso_sdk::ConfigBuilder {
         .boot_timeout(BOOT_LIMIT)
 }
 
-fn median_ms(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v[v.len() / 2].as_secs_f64() * 1000.0
+fn median_ms(v: Vec<Duration>) -> f64 {
+    let ms = osso_testkit::stats::sorted(v.iter().map(|d| d.as_secs_f64() * 1000.0));
+    osso_testkit::stats::median(&ms).unwrap_or(f64::NAN)
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! osso-testkit: what every Osso test crate shares about checks that cannot
-//! run on this host.
+//! osso-testkit: what every Osso test crate shares: the rule for checks that
+//! cannot run on this host (here), summary statistics ([`stats`]) and the
+//! frames the network tests send ([`frames`]).
 //!
 //! One rule, in one place: a check whose prerequisite is missing says
 //! `SKIPPED <check>: <reason>` and does not run; under `OSSO_REQUIRE_E2E=1`
@@ -15,6 +16,9 @@
 //! hardware KVM, and then runs layer 5.
 
 use std::path::Path;
+
+pub mod frames;
+pub mod stats;
 
 /// The environment variable that turns a skip into a failure.
 pub const REQUIRE_E2E: &str = "OSSO_REQUIRE_E2E";

@@ -14,12 +14,9 @@ use std::time::{Duration, Instant};
 
 use osso_vmm::{CpuMode, ExitReason, VmConfig};
 
+/// The nearest-rank percentile (0 for no samples).
 fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
+    osso_testkit::stats::percentile(sorted, p).unwrap_or(0)
 }
 
 fn main() {

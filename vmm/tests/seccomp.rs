@@ -7,21 +7,10 @@
 
 mod fuzz_targets;
 
-use osso_vmm::net::user::{UserNet, UserNetConfig, GATEWAY_MAC};
+use osso_vmm::net::user::{UserNet, UserNetConfig, GATEWAY_IP, GATEWAY_MAC, GUEST_IP};
 use osso_vmm::net::MacAddr;
 use osso_vmm::seccomp::{apply_to_current_thread, ThreadKind};
 use osso_vmm::virtio::{MmioTransport, NetDevice};
-
-fn arp_request(mac: [u8; 6]) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[10, 0, 2, 15]);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&[10, 0, 2, 2]);
-    f
-}
 
 #[test]
 fn virtio_net_works_from_a_vcpu_confined_thread() {
@@ -33,7 +22,11 @@ fn virtio_net_works_from_a_vcpu_confined_thread() {
     let mut t = MmioTransport::new(dev, mem.clone()).expect("transport");
     let (reply, refused) = std::thread::spawn(move || {
         apply_to_current_thread(ThreadKind::Vcpu).expect("vCPU filter");
-        let reply = fuzz_targets::bring_up_and_exchange(&mut t, &mem, &arp_request(mac.0));
+        let reply = fuzz_targets::bring_up_and_exchange(
+            &mut t,
+            &mem,
+            &osso_testkit::frames::arp_request(mac.0, GUEST_IP, GATEWAY_IP),
+        );
         // SAFETY: a plain socket(2) call; the result is only compared.
         let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         let err = std::io::Error::last_os_error().raw_os_error();

@@ -34,16 +34,7 @@ fn eth(
 }
 
 fn arp_request(target: Ipv4Addr) -> Vec<u8> {
-    let repr = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: EthernetAddress(GUEST_MAC),
-        source_protocol_addr: GUEST_IP,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: target,
-    };
-    eth([0xff; 6], EthernetProtocol::Arp, repr.buffer_len(), |p| {
-        repr.emit(&mut ArpPacket::new_unchecked(p))
-    })
+    osso_testkit::frames::arp_request(GUEST_MAC, GUEST_IP, target)
 }
 
 fn arp_reply_to(req: &ArpRepr) -> Vec<u8> {
@@ -55,18 +46,11 @@ fn arp_reply_to(req: &ArpRepr) -> Vec<u8> {
     else {
         panic!("not an IPv4 ARP")
     };
-    let repr = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Reply,
-        source_hardware_addr: EthernetAddress(GUEST_MAC),
-        source_protocol_addr: GUEST_IP,
-        target_hardware_addr: source_hardware_addr,
-        target_protocol_addr: source_protocol_addr,
-    };
-    eth(
+    osso_testkit::frames::arp_reply(
+        GUEST_MAC,
+        GUEST_IP,
         source_hardware_addr.0,
-        EthernetProtocol::Arp,
-        repr.buffer_len(),
-        |p| repr.emit(&mut ArpPacket::new_unchecked(p)),
+        source_protocol_addr,
     )
 }
 

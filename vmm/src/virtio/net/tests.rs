@@ -522,31 +522,10 @@ fn device_thread_end_to_end_through_transport() {
     assert_eq!(metrics.total_errors(), 0);
 }
 
-/// "Who has 10.0.2.2? Tell 10.0.2.15", from `guest_mac`, built with
-/// smoltcp's wire types.
+/// "Who has 10.0.2.2? Tell 10.0.2.15", from `guest_mac`.
 fn arp_request_for_gateway(guest_mac: MacAddr) -> Vec<u8> {
     use crate::net::user::{GATEWAY_IP, GUEST_IP};
-    use smoltcp::wire::{
-        ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-        EthernetRepr,
-    };
-    let arp = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: EthernetAddress(guest_mac.0),
-        source_protocol_addr: GUEST_IP,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: GATEWAY_IP,
-    };
-    let er = EthernetRepr {
-        src_addr: EthernetAddress(guest_mac.0),
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Arp,
-    };
-    let mut fr = vec![0u8; er.buffer_len() + arp.buffer_len()];
-    let mut ef = EthernetFrame::new_unchecked(&mut fr[..]);
-    er.emit(&mut ef);
-    arp.emit(&mut ArpPacket::new_unchecked(ef.payload_mut()));
-    fr
+    osso_testkit::frames::arp_request(guest_mac.0, GUEST_IP, GATEWAY_IP)
 }
 
 /// The whole in-process path: guest rings -> device thread -> user-mode
