@@ -68,10 +68,15 @@ enum Msg {
 }
 
 impl Level0 {
-    /// The kernel command line of level 1 (`nokaslr`: the System.map's
-    /// addresses name the code a hung CPU was in).
+    /// The kernel command line of level 1. `nohz=off highres=off`: its
+    /// local APIC timer runs in periodic mode, which QEMU re-arms by itself,
+    /// instead of one-shot mode, which only the guest's timer interrupt
+    /// re-arms. Level 1 was found stopped for good (halted, or inside a
+    /// level-2 guest that never exits) as if that one interrupt had been
+    /// lost; a periodic timer raises it again at the next tick. `nokaslr`:
+    /// a hung CPU's RIP can be looked up in the kernel's symbols.
     fn append() -> &'static str {
-        "console=ttyS0 loglevel=4 panic=-1 mitigations=off nokaslr rdinit=/init"
+        "console=ttyS0 loglevel=4 panic=-1 mitigations=off nokaslr nohz=off highres=off rdinit=/init"
     }
 
     fn command(&self) -> Command {
