@@ -149,7 +149,7 @@ pub fn run(job: Job) -> Result<JobResult, Error> {
     files.image.total_bytes = files.image.kernel_bytes + files.image.initramfs_bytes;
     files.initrd = Some(initrd);
     let vm = vm::spawn_files(config, files, Some(scratch), called)?;
-    let finished = vm.wait_timeout(Some(job.timeout)).is_some();
+    let finished = vm.wait_timeout(job.timeout).is_some();
     if !finished {
         vm.kill();
     }

@@ -630,9 +630,20 @@ impl Vm {
         }
     }
 
-    /// Waits for the guest to end by itself (or the lifetime to pass);
-    /// `None` waits for ever. Returns None if `timeout` passed first.
-    pub fn wait_timeout(&self, timeout: Option<Duration>) -> Option<Exit> {
+    /// The exit if the VM has ended, without waiting (like
+    /// `std::process::Child::try_wait`).
+    pub fn try_wait(&self) -> Option<Exit> {
+        self.exit_now()
+    }
+
+    /// Waits up to `timeout` for the guest to end by itself (or its lifetime
+    /// to pass); None if `timeout` passed first. The VM keeps running.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
+        self.wait_until(Some(timeout))
+    }
+
+    /// `None` waits for ever.
+    fn wait_until(&self, timeout: Option<Duration>) -> Option<Exit> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut r = self
             .outcome
@@ -665,7 +676,7 @@ impl Vm {
     /// Waits for the guest to end.
     pub fn wait(&self) -> Exit {
         loop {
-            if let Some(e) = self.wait_timeout(None) {
+            if let Some(e) = self.wait_until(None) {
                 return e;
             }
         }
@@ -674,7 +685,7 @@ impl Vm {
     /// Gives the guest `grace` to end by itself, then stops it. Osso's guest
     /// has no agent to ask it to power off, so this waits rather than signals.
     pub fn shutdown(&self, grace: Duration) -> Exit {
-        if let Some(e) = self.wait_timeout(Some(grace)) {
+        if let Some(e) = self.wait_timeout(grace) {
             return e;
         }
         self.kill()
@@ -686,6 +697,14 @@ impl Vm {
         self.wait()
     }
 }
+
+// A `Vm` is shared between threads (a pool hands them out, a server keeps
+// them in its state): that it stays Send and Sync is checked here, at
+// compile time.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<Vm>();
+};
 
 impl Drop for Vm {
     fn drop(&mut self) {

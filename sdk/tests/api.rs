@@ -230,10 +230,36 @@ fn lifetime_ends_a_running_guest_with_reason_timeout() {
     )
     .expect("spawn");
     let exit = vm
-        .wait_timeout(Some(Duration::from_secs(5)))
+        .wait_timeout(Duration::from_secs(5))
         .expect("ended within 5 s");
     assert_eq!(exit.reason, ExitReason::Timeout);
     assert!(!exit.guest_ended_by_itself());
+}
+
+#[test]
+fn try_wait_and_wait_timeout_are_child_like() {
+    if !osso_testkit::require_kvm("try_wait") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = osso_sdk::spawn(
+        tiny(dir.path(), "k", "spin", Then::Spin)
+            .ready_when(ReadyWhen::ConsoleLine("spin".into()))
+            .build(),
+    )
+    .expect("spawn");
+    // The guest spins for ever: nothing to report, however long we wait.
+    assert!(vm.try_wait().is_none());
+    assert!(vm.wait_timeout(Duration::from_millis(50)).is_none());
+    assert!(!vm.has_ended());
+    let killed = vm.kill();
+    let after = vm.try_wait().expect("ended once killed");
+    assert_eq!(after.reason, killed.reason);
+    assert!(!after.guest_ended_by_itself());
+    assert_eq!(
+        vm.wait_timeout(Duration::ZERO).map(|e| e.reason),
+        Some(killed.reason)
+    );
 }
 
 #[test]

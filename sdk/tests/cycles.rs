@@ -56,9 +56,7 @@ fn cycles(n: usize) {
             drop(vm);
         } else {
             let vm = osso_sdk::spawn(cfg(&reset)).expect("spawn");
-            let exit = vm
-                .wait_timeout(Some(Duration::from_secs(10)))
-                .expect("ends");
+            let exit = vm.wait_timeout(Duration::from_secs(10)).expect("ends");
             assert!(exit.guest_ended_by_itself(), "{exit}");
             drop(vm);
         }

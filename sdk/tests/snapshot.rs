@@ -46,7 +46,7 @@ fn a_snapshot_restores_into_clones_that_run_and_report_restore_metrics() {
     assert!(vm.metrics().restore.is_none());
     // The original runs on after the snapshot.
     assert!(
-        vm.wait_timeout(Some(Duration::from_millis(100))).is_none(),
+        vm.wait_timeout(Duration::from_millis(100)).is_none(),
         "the snapshotted VM goes on"
     );
     assert!(snap.join(STATE_FILE).is_file() && snap.join(MEMORY_FILE).is_file());
@@ -72,9 +72,7 @@ fn a_snapshot_restores_into_clones_that_run_and_report_restore_metrics() {
         assert_eq!(m.guest_mem_bytes, 16 << 20, "RAM size from the snapshot");
         assert!(m.to_string().contains("restored in "), "{}", m.to_string());
         assert!(
-            clone
-                .wait_timeout(Some(Duration::from_millis(50)))
-                .is_none(),
+            clone.wait_timeout(Duration::from_millis(50)).is_none(),
             "the clone idles on (halted guest), it does not end"
         );
     }

@@ -245,7 +245,7 @@ fn spawn_default_readiness() {
     // Without osso.stay the default /init goes on to the end: it went
     // online, says it is done, and reboots; the VM ends by itself.
     let exit = vm
-        .wait_timeout(Some(BOOT))
+        .wait_timeout(BOOT)
         .unwrap_or_else(|| panic!("the default /init ends the VM:\n{}", tail(&vm)));
     assert_eq!(exit.reason, ExitReason::Reset, "{}", tail(&vm));
     assert!(exit.guest_ended_by_itself() && !exit.panicked());
