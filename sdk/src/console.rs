@@ -7,6 +7,8 @@ use std::io::Write;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
+use crate::signal::Signal;
+
 #[derive(Default)]
 struct State {
     lines: VecDeque<String>,
@@ -23,14 +25,17 @@ pub struct Console {
     state: Arc<Mutex<State>>,
     limit: usize,
     echo: bool,
+    /// Told of every line (readiness waits on it).
+    signal: Arc<Signal>,
 }
 
 impl Console {
-    pub(crate) fn new(limit: usize, echo: bool) -> Self {
+    pub(crate) fn new(limit: usize, echo: bool, signal: Arc<Signal>) -> Self {
         Console {
             state: Arc::default(),
             limit,
             echo,
+            signal,
         }
     }
 
@@ -101,6 +106,7 @@ impl Console {
             println!("{line}");
         }
         s.subscribers.retain(|tx| tx.send(line.clone()).is_ok());
+        self.signal.notify();
         s.bytes += line.len() + 1;
         s.lines.push_back(line);
         while s.bytes > self.limit {
@@ -152,7 +158,7 @@ mod tests {
 
     #[test]
     fn lines_are_captured_streamed_and_bounded() {
-        let c = Console::new(25, false);
+        let c = Console::new(25, false, Arc::default());
         let rx = c.subscribe();
         let mut w = c.writer();
         w.write_all(b"hello\r\nwor").unwrap();

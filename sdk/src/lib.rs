@@ -55,6 +55,7 @@ pub mod job;
 pub mod metrics;
 pub mod pool;
 pub mod reaper;
+mod signal;
 pub mod vm;
 
 use std::time::{Duration, Instant};
@@ -204,7 +205,7 @@ mod tests {
 
     /// A console holding `text`, kept within `limit` bytes.
     fn console_with(text: &str, limit: usize) -> Console {
-        let c = Console::new(limit, false);
+        let c = Console::new(limit, false, Default::default());
         c.writer().write_all(text.as_bytes()).unwrap();
         c
     }

@@ -21,6 +21,7 @@ use crate::config::{Config, Image, KernelFormat, ReadyWhen};
 use crate::console::Console;
 use crate::error::Error;
 use crate::metrics::{ImageSize, Metrics, SpawnClock};
+use crate::signal::Signal;
 use crate::HostKvm;
 
 /// How a VM ended.
@@ -57,6 +58,8 @@ struct Outcome {
 
 /// A running (or ended) microVM.
 pub struct Vm {
+    /// Told of console lines, boot milestones and the end (readiness waits).
+    signal: Arc<Signal>,
     console: Console,
     stop: StopHandle,
     timeline: Arc<Timeline>,
@@ -207,7 +210,8 @@ pub(crate) fn spawn_files(
         called,
         vmm_start: Instant::now(),
     };
-    let console = Console::new(config.console_limit, config.echo_console);
+    let signal = Arc::new(Signal::default());
+    let console = Console::new(config.console_limit, config.echo_console, signal.clone());
     let mut vmc = VmConfig::new(BootSource::Kernel {
         kernel: files.kernel,
         initrd: files.initrd,
@@ -220,11 +224,13 @@ pub(crate) fn spawn_files(
     vmc.start = Some(clock.vmm_start);
     vmc.seccomp = config.seccomp;
     let mut builder = MachineBuilder::new(vmc)?;
+    observe_milestones(&builder.timeline(), &signal);
     let net = attach_net(&mut builder, &config.net_config())?;
     let forwards = set_up_forwards(net.as_ref(), &config)?;
     let machine = builder.start()?;
     Vm::assemble(VmParts {
         console,
+        signal,
         machine,
         net,
         forwards,
@@ -242,6 +248,7 @@ pub(crate) fn spawn_files(
 /// What [`Vm::assemble`] puts together.
 struct VmParts {
     console: Console,
+    signal: Arc<Signal>,
     machine: Machine,
     net: Option<AttachedNet>,
     forwards: Vec<std::net::SocketAddr>,
@@ -276,7 +283,8 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
     let started = Instant::now();
     let dir = dir.as_ref();
     config.validate_host_side()?;
-    let console = Console::new(config.console_limit, config.echo_console);
+    let signal = Arc::new(Signal::default());
+    let console = Console::new(config.console_limit, config.echo_console, signal.clone());
     let opts = RestoreOptions {
         console: Box::new(console.writer()),
         console_input: None,
@@ -285,6 +293,9 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
         seccomp: config.seccomp,
     };
     let (machine, net) = snapshot::restore_with_net(dir, opts, Some(&config.net_config()))?;
+    // The vCPUs already run: a milestone recorded before this is read from
+    // the timeline by wait_ready, which checks before it waits.
+    observe_milestones(&machine.timeline(), &signal);
     if config.ready == ReadyWhen::GuestPing && net.as_ref().and_then(|n| n.user.as_ref()).is_none()
     {
         machine.stop();
@@ -307,6 +318,7 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
     };
     Vm::assemble(VmParts {
         console,
+        signal,
         machine,
         net,
         forwards,
@@ -322,6 +334,12 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
         boot_timeout: config.boot_timeout,
         background_teardown: config.background_teardown,
     })
+}
+
+/// Tells `signal` of every boot milestone `timeline` records.
+fn observe_milestones(timeline: &osso_vmm::metrics::Timeline, signal: &Arc<Signal>) {
+    let signal = signal.clone();
+    timeline.observe(Box::new(move || signal.notify()));
 }
 
 /// Binds the forwards of `config` on the VM's user network.
@@ -356,6 +374,7 @@ impl Vm {
         let waiter = {
             let outcome = outcome.clone();
             let console = p.console.clone();
+            let signal = p.signal.clone();
             let waited = machine.clone();
             std::thread::Builder::new()
                 .name("osso-vm-wait".into())
@@ -364,6 +383,7 @@ impl Vm {
                     console.close();
                     *outcome.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
                     outcome.done.notify_all();
+                    signal.notify();
                 })
                 .map_err(|source| {
                     machine.stop();
@@ -375,6 +395,7 @@ impl Vm {
         };
         let vm = Vm {
             console: p.console,
+            signal: p.signal,
             stop: machine.stop_handle(),
             timeline: machine.timeline(),
             mem: Some(machine.guest_memory()),
@@ -459,11 +480,15 @@ impl Vm {
         self.restored.is_some()
     }
 
-    /// Waits until `ready` holds; stops the VM and fails on timeout or early end.
+    /// Waits until `ready` holds; stops the VM and fails on timeout or early
+    /// end. Between checks it sleeps until something changes (a console
+    /// line, a boot milestone, the VM's end; see [`Signal`]); only
+    /// `GuestPing` acts, sending a ping each round.
     fn wait_ready(&self, ready: &ReadyWhen, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         let mut seq: u16 = 0;
         loop {
+            let seen = self.signal.generation();
             let ok = match ready {
                 ReadyWhen::BootTimer => self.timeline.boot_timer_us().is_some(),
                 ReadyWhen::Started => self.timeline.first_kvm_run_us().is_some(),
@@ -492,7 +517,9 @@ impl Vm {
                     console_tail: self.console.tail(20),
                 });
             }
-            std::thread::sleep(Duration::from_millis(1));
+            if *ready != ReadyWhen::GuestPing {
+                self.signal.wait_past(seen, deadline);
+            }
         }
     }
 

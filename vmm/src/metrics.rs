@@ -18,14 +18,31 @@ use std::time::Instant;
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// Milestones of one run, recorded from any thread.
-#[derive(Debug)]
+/// Called after each milestone is recorded (from the thread that saw it).
+pub type MilestoneObserver = Box<dyn Fn() + Send + Sync>;
+
+/// Milestones of one run, recorded from any thread. One observer may be told
+/// of each ([`Timeline::observe`]), so that a waiter sleeps until something
+/// happened instead of polling.
 pub struct Timeline {
     start: Instant,
     first_kvm_run: OnceLock<u64>,
     init_started: OnceLock<u64>,
     kernel_panic: OnceLock<u64>,
     boot_timer: OnceLock<u64>,
+    observer: OnceLock<MilestoneObserver>,
+}
+
+impl std::fmt::Debug for Timeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timeline")
+            .field("first_kvm_run", &self.first_kvm_run.get())
+            .field("init_started", &self.init_started.get())
+            .field("kernel_panic", &self.kernel_panic.get())
+            .field("boot_timer", &self.boot_timer.get())
+            .field("observed", &self.observer.get().is_some())
+            .finish()
+    }
 }
 
 impl Timeline {
@@ -37,6 +54,28 @@ impl Timeline {
             init_started: OnceLock::new(),
             kernel_panic: OnceLock::new(),
             boot_timer: OnceLock::new(),
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// Calls `f` after every milestone recorded from now on. One observer
+    /// per timeline: false (and `f` dropped) if one is set already. A
+    /// milestone recorded before this call is not reported: read the
+    /// timeline after setting the observer.
+    pub fn observe(&self, f: MilestoneObserver) -> bool {
+        self.observer.set(f).is_ok()
+    }
+
+    fn mark(&self, slot: &OnceLock<u64>) {
+        let mut first = false;
+        let _ = slot.get_or_init(|| {
+            first = true;
+            self.now_us()
+        });
+        if first {
+            if let Some(f) = self.observer.get() {
+                f();
+            }
         }
     }
 
@@ -52,19 +91,19 @@ impl Timeline {
 
     /// Records the first `KVM_RUN` (only the first call counts).
     pub fn mark_first_kvm_run(&self) {
-        let _ = self.first_kvm_run.get_or_init(|| self.now_us());
+        self.mark(&self.first_kvm_run);
     }
     /// Records the console line `Run /init as init process`.
     pub fn mark_init_started(&self) {
-        let _ = self.init_started.get_or_init(|| self.now_us());
+        self.mark(&self.init_started);
     }
     /// Records a kernel panic line on the console.
     pub fn mark_kernel_panic(&self) {
-        let _ = self.kernel_panic.get_or_init(|| self.now_us());
+        self.mark(&self.kernel_panic);
     }
     /// Records the guest's boot-timer write.
     pub fn mark_boot_timer(&self) {
-        let _ = self.boot_timer.get_or_init(|| self.now_us());
+        self.mark(&self.boot_timer);
     }
 
     /// First `KVM_RUN`, if any.
@@ -322,6 +361,25 @@ pub fn memory_figures(mem: &GuestMemoryMmap) -> MemoryFigures {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn the_observer_hears_each_first_mark_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let t = Timeline::new(Instant::now());
+        t.mark_first_kvm_run(); // before the observer: not reported
+        let heard = Arc::new(AtomicUsize::new(0));
+        let h = heard.clone();
+        assert!(t.observe(Box::new(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+        })));
+        assert!(!t.observe(Box::new(|| {})), "one observer per timeline");
+        t.mark_boot_timer();
+        t.mark_boot_timer();
+        t.mark_init_started();
+        t.mark_first_kvm_run();
+        assert_eq!(heard.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn timeline_keeps_first_mark() {
