@@ -78,33 +78,8 @@ pub(crate) fn qemu_kernel_run(
     wait_online: bool,
     limit: Duration,
 ) -> Result<KernelRun, String> {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm,isa-serial=on,acpi=off"]);
-    if use_kvm {
-        // QEMU's default CPU model: `-cpu host` aborts under PVM (QEMU cannot
-        // set MSR 0x10a there).
-        cmd.arg("-enable-kvm");
-    } else {
-        cmd.args(["-cpu", "max"]);
-    }
-    cmd.args(["-m", &MEM_MIB.to_string(), "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio"])
-        .arg("-kernel")
-        .arg(vmlinux)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", append])
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-device,netdev=n0",
-        ])
-        .arg("-no-reboot")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = osso_guest::qemu::microvm_command(vmlinux, initrd, append, use_kvm, MEM_MIB);
+    cmd.stderr(Stdio::piped());
     let start = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("start QEMU: {e}"))?;
     let mut guard = QemuGuard(child);

@@ -27,35 +27,29 @@ impl QemuRun {
     }
 }
 
-/// Boots `kernel` + `initrd` under `qemu-system-x86_64 -M microvm` (TCG),
-/// 128 MiB, user networking, `-no-reboot` (a guest reboot ends QEMU), with
-/// `append` as the kernel command line. Kills QEMU (the one it started, by its
-/// handle) after `limit`. `echo` prints each console line as it arrives.
-pub fn boot_tcg(
+/// `qemu-system-x86_64 -M microvm` booting `kernel` + `initrd` with `append`:
+/// `mem_mib` of RAM, one vCPU, the serial console on stdout (piped), QEMU's
+/// user network on a virtio-mmio NIC, `-no-reboot` (a guest reboot ends
+/// QEMU), stdin closed. `kvm`: `-enable-kvm` with QEMU's default CPU model
+/// (`-cpu host` aborts under PVM: QEMU cannot set MSR 0x10a there);
+/// otherwise TCG with `-cpu max`. The caller sets stderr and spawns it.
+pub fn microvm_command(
     kernel: &Path,
     initrd: &Path,
     append: &str,
-    limit: Duration,
-    echo: bool,
-) -> std::io::Result<QemuRun> {
-    let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,isa-serial=on,acpi=off",
-            "-cpu",
-            "max",
-            "-m",
-            "128",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-        ])
+    kvm: bool,
+    mem_mib: u64,
+) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "microvm,isa-serial=on,acpi=off"]);
+    if kvm {
+        cmd.arg("-enable-kvm");
+    } else {
+        cmd.args(["-cpu", "max"]);
+    }
+    cmd.args(["-m", &mem_mib.to_string(), "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -69,9 +63,24 @@ pub fn boot_tcg(
         ])
         .arg("-no-reboot")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// Boots `kernel` + `initrd` under `qemu-system-x86_64 -M microvm` (TCG),
+/// 128 MiB, user networking, `-no-reboot` (a guest reboot ends QEMU), with
+/// `append` as the kernel command line. Kills QEMU (the one it started, by its
+/// handle) after `limit`. `echo` prints each console line as it arrives.
+pub fn boot_tcg(
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+    limit: Duration,
+    echo: bool,
+) -> std::io::Result<QemuRun> {
+    let started = Instant::now();
+    let mut cmd = microvm_command(kernel, initrd, append, false, 128);
+    let mut child = cmd.stderr(Stdio::inherit()).spawn()?;
     let stdout = child.stdout.take();
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
