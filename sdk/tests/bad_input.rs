@@ -11,18 +11,6 @@ use std::time::{Duration, Instant};
 use common::{fd_count, thread_count, tiny_elf, tiny_kernel, Then};
 use osso_sdk::{Config, Error};
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn bad_input_is_refused_and_leaves_nothing_behind() {
     if !osso_testkit::require_kvm("bad_input") {
@@ -31,7 +19,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let good = tiny_kernel(dir.path(), "good", "ok", Then::ReadyThenSpin);
     let random = dir.path().join("random");
-    std::fs::write(&random, noise(256 * 1024, 5)).unwrap();
+    std::fs::write(&random, osso_testkit::noise(256 * 1024, 5)).unwrap();
     let truncated = dir.path().join("truncated");
     std::fs::write(&truncated, &tiny_elf("x", Then::Spin)[..100]).unwrap();
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -132,6 +132,20 @@ pub fn require<T, E: std::fmt::Display>(check: &str, what: Result<T, E>) -> Opti
     }
 }
 
+/// Deterministic pseudo-random bytes (xorshift64 from `seed`): garbage for
+/// bad-input tests that is the same on every run.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

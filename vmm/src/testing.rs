@@ -4,6 +4,16 @@
 //! instead of Linux: print a message on COM1, optionally signal ready through
 //! the boot timer, then reset, halt or spin. Used by the SDK's tests and the
 //! boot benchmark, and useful to embedders who want to exercise the VMM alone.
+//! Also [`TestBackend`], a network backend the tests drive by hand.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::net::NetBackend;
 
 /// Load (and entry) address: the first byte above 1 MiB, where the loader puts kernels.
 pub const LOAD: u32 = 0x0010_0000;
@@ -92,4 +102,79 @@ pub fn tiny_elf(msg: &str, then: Then) -> Vec<u8> {
     e[note_off..note_off + note.len()].copy_from_slice(&note);
     e.extend_from_slice(&code);
     e
+}
+
+/// A network backend for tests: records every frame the device sends and
+/// hands the device the frames queued with [`TestBackend::push`]. Clones
+/// share their state, so a test keeps one clone and gives the device another.
+#[derive(Clone)]
+pub struct TestBackend {
+    /// Frames the device sent, in order.
+    pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Frames waiting for the device to receive.
+    pub inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    /// Readable while the inbox may hold a frame.
+    pub ready: Arc<EventFd>,
+}
+
+impl TestBackend {
+    /// An empty backend.
+    ///
+    /// # Panics
+    ///
+    /// If an eventfd cannot be created (a test helper: the test fails).
+    pub fn new() -> Self {
+        Self {
+            sent: Arc::default(),
+            inbox: Arc::default(),
+            ready: Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd for a test backend")),
+        }
+    }
+
+    /// Queues `frame` for the device and wakes it.
+    ///
+    /// # Panics
+    ///
+    /// If the eventfd cannot be written (a test helper: the test fails).
+    pub fn push(&self, frame: Vec<u8>) {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(frame);
+        self.ready.write(1).expect("wake the device");
+    }
+}
+
+impl Default for TestBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NetBackend for TestBackend {
+    fn ready_fd(&self) -> Option<RawFd> {
+        Some(self.ready.as_raw_fd())
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(frame.to_vec());
+        Ok(())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+        {
+            Some(f) => {
+                let n = f.len().min(buf.len());
+                buf[..n].copy_from_slice(&f[..n]);
+                Ok(n)
+            }
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
 }

@@ -241,19 +241,6 @@ fn kernel_panic_then_reset_exits_1_saying_guest_kernel_panic() {
     assert!(m["kernel_panic_us"].as_u64().is_some());
 }
 
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Runs osso-vmm with `TMPDIR` pointing at an empty directory of its own and
 /// checks that it exits with 2 (not a signal, not a panic), one clear reason
 /// naming `needle`, and leaves nothing in that directory.
@@ -288,13 +275,13 @@ fn refused_with(args: &[&str], needle: &str, codes: &[i32]) {
 #[test]
 fn hostile_kernels_initrds_and_sizes_are_refused_cleanly() {
     let empty = temp_with(b"");
-    let random = temp_with(&noise(64 * 1024, 7));
+    let random = temp_with(&osso_testkit::noise(64 * 1024, 7));
     // Valid ELF header, then noise: program headers point anywhere.
     let mut elf_noise = elf_kernel(PADDR, &[0x90; 64], Some(PADDR as u32))[..64].to_vec();
-    elf_noise.extend_from_slice(&noise(8192, 9));
+    elf_noise.extend_from_slice(&osso_testkit::noise(8192, 9));
     let elf_noise = temp_with(&elf_noise);
     // A bzImage signature ("HdrS" at 0x202) in a file of noise.
-    let mut bz = noise(16 * 1024, 11);
+    let mut bz = osso_testkit::noise(16 * 1024, 11);
     bz[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
     bz[0x202..0x206].copy_from_slice(b"HdrS");
     let bz = temp_with(&bz);
@@ -379,7 +366,7 @@ fn hostile_command_lines_initrds_and_busy_ports_are_refused_cleanly() {
     }
     // Initrd contents are the guest kernel's business: empty or random bytes
     // load (the tiny guest ignores them) and the guest runs.
-    for bytes in [Vec::new(), noise(100_000, 3)] {
+    for bytes in [Vec::new(), osso_testkit::noise(100_000, 3)] {
         let i = temp_with(&bytes);
         let o = osso_vmm(&[
             "--kernel",

@@ -32,9 +32,7 @@
 //! regions and far above RAM to make sure they are refused.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -43,7 +41,8 @@ use osso_vmm::devices::boot_timer::BootTimer;
 use osso_vmm::devices::i8042::I8042;
 use osso_vmm::devices::serial::{ConsoleWriter, Serial};
 use osso_vmm::metrics::Timeline;
-use osso_vmm::net::{MacAddr, NetBackend, MAX_FRAME_LEN};
+use osso_vmm::net::{MacAddr, MAX_FRAME_LEN};
+pub use osso_vmm::testing::TestBackend;
 use osso_vmm::virtio::net::{NetMetrics, NetWorker, MAX_BUFFER_LEN, VNET_HDR_LEN};
 use osso_vmm::virtio::{Interrupt, MmioTransport, NetDevice};
 use osso_vmm::BusDevice;
@@ -129,59 +128,9 @@ where
 
 /// Fills guest memory with deterministic garbage from `seed`.
 fn fill_garbage(mem: &GuestMemoryMmap, ranges: &[(u64, usize)], seed: u64) {
-    let mut x = seed | 1;
-    for &(base, len) in ranges {
-        let mut buf = vec![0u8; len];
-        for chunk in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let b = x.to_le_bytes();
-            chunk.copy_from_slice(&b[..chunk.len()]);
-        }
+    for (i, &(base, len)) in ranges.iter().enumerate() {
+        let buf = osso_testkit::noise(len, seed.wrapping_add(i as u64));
         mem.write_slice(&buf, GuestAddress(base)).unwrap();
-    }
-}
-
-/// A backend that records what the device sends and hands out queued frames.
-#[derive(Clone)]
-pub struct TestBackend {
-    pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
-    pub inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
-    pub ready: Arc<EventFd>,
-}
-
-impl TestBackend {
-    pub fn new() -> Self {
-        Self {
-            sent: Arc::default(),
-            inbox: Arc::default(),
-            ready: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        }
-    }
-    pub fn push(&self, frame: Vec<u8>) {
-        self.inbox.lock().unwrap().push_back(frame);
-        self.ready.write(1).unwrap();
-    }
-}
-
-impl NetBackend for TestBackend {
-    fn ready_fd(&self) -> Option<RawFd> {
-        Some(self.ready.as_raw_fd())
-    }
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.sent.lock().unwrap().push(frame.to_vec());
-        Ok(())
-    }
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inbox.lock().unwrap().pop_front() {
-            Some(f) => {
-                let n = f.len().min(buf.len());
-                buf[..n].copy_from_slice(&f[..n]);
-                Ok(n)
-            }
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
     }
 }
 

@@ -2,58 +2,16 @@
 //! built by hand, including a hostile guest's chains.
 
 use super::*;
+use crate::testing::TestBackend;
 use crate::virtio::chain::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use crate::virtio::mmio::tests::{negotiate, setup_queue, STATUS_UP};
 use crate::virtio::MmioTransport;
-use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use virtio_queue::desc::split::Descriptor;
 
 const MEM_SIZE: usize = 0x40_0000; // 4 MiB
 const QSIZE: u16 = 16;
-
-/// A backend that records what it is sent and hands out queued frames.
-#[derive(Clone)]
-struct TestBackend {
-    sent: Arc<Mutex<Vec<Vec<u8>>>>,
-    inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
-    ready: Arc<EventFd>,
-}
-
-impl TestBackend {
-    fn new() -> Self {
-        Self {
-            sent: Arc::default(),
-            inbox: Arc::default(),
-            ready: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        }
-    }
-    fn push(&self, frame: Vec<u8>) {
-        self.inbox.lock().unwrap().push_back(frame);
-        self.ready.write(1).unwrap();
-    }
-}
-
-impl NetBackend for TestBackend {
-    fn ready_fd(&self) -> Option<RawFd> {
-        Some(self.ready.as_raw_fd())
-    }
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.sent.lock().unwrap().push(frame.to_vec());
-        Ok(())
-    }
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inbox.lock().unwrap().pop_front() {
-            Some(f) => {
-                let n = f.len().min(buf.len());
-                buf[..n].copy_from_slice(&f[..n]);
-                Ok(n)
-            }
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
 
 /// A split ring laid out in guest memory at `base`.
 struct Ring {
