@@ -16,7 +16,8 @@
 //!   The stack connects to the host port before answering the guest's SYN,
 //!   so a closed host port is a reset for the guest.
 //!
-//! **No egress, by default and by design**: a packet for any address other
+//! **No egress, by default and by design** (the whole policy is
+//! `user/policy.rs`, short enough to review alone): a packet for any address other
 //! than 10.0.2.2 (the Internet, the host's LAN, other guests) is dropped and
 //! counted ([`UserNetStats::dropped_egress`]); so is UDP (no DNS, no DHCP:
 //! give the guest a static address, e.g. `ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off`),
@@ -47,8 +48,7 @@ use smoltcp::socket::{icmp, tcp};
 use smoltcp::time::{Duration as SDuration, Instant as SInstant};
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, IpProtocol,
-    Ipv4Packet, TcpPacket,
+    EthernetRepr, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr,
 };
 use tracing::{debug, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -328,70 +328,32 @@ impl NetBackend for UserNetBackend {
     }
 }
 
-/// Decides whether a frame from the guest may enter the stack; counts the
-/// ones that may not.
+/// Applies the no-egress policy ([`policy::admit`]) to a frame from the
+/// guest and counts what it refuses.
 fn admit(frame: &[u8], shared: &Shared) -> bool {
+    use policy::{Dropped, Verdict};
     let c = &shared.c;
-    let Ok(eth) = EthernetFrame::new_checked(frame) else {
-        inc(&c.dropped_malformed);
-        return false;
-    };
-    let dst = eth.dst_addr();
-    if dst != EthernetAddress(GATEWAY_MAC) && !dst.is_broadcast() {
-        inc(&c.dropped_unsupported);
-        return false;
-    }
-    match eth.ethertype() {
-        EthernetProtocol::Arp => {
-            let repr = ArpPacket::new_checked(eth.payload()).and_then(|p| ArpRepr::parse(&p));
-            match repr {
-                Ok(ArpRepr::EthernetIpv4 {
-                    target_protocol_addr,
-                    ..
-                }) if target_protocol_addr == GATEWAY_IP => true,
-                Ok(_) => {
-                    inc(&c.dropped_arp);
-                    false
-                }
-                Err(_) => {
-                    inc(&c.dropped_malformed);
-                    false
-                }
-            }
+    let verdict = policy::admit(frame, |port| {
+        shared
+            .allowed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&port)
+    });
+    match verdict {
+        Verdict::Admit => true,
+        Verdict::AdmitRefused => {
+            // The stack answers it with a reset.
+            inc(&c.tcp_refused);
+            true
         }
-        EthernetProtocol::Ipv4 => {
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
-                inc(&c.dropped_malformed);
-                return false;
-            };
-            if ip.dst_addr() != GATEWAY_IP {
-                inc(&c.dropped_egress);
-                return false;
-            }
-            match ip.next_header() {
-                IpProtocol::Icmp => true,
-                IpProtocol::Tcp => {
-                    if let Ok(tcp) = TcpPacket::new_checked(ip.payload()) {
-                        let allowed = shared
-                            .allowed
-                            .read()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .contains(&tcp.dst_port());
-                        if tcp.syn() && !tcp.ack() && !allowed {
-                            // smoltcp answers it with a reset.
-                            inc(&c.tcp_refused);
-                        }
-                    }
-                    true
-                }
-                _ => {
-                    inc(&c.dropped_unsupported);
-                    false
-                }
-            }
-        }
-        _ => {
-            inc(&c.dropped_unsupported);
+        Verdict::Drop(why) => {
+            inc(match why {
+                Dropped::Malformed => &c.dropped_malformed,
+                Dropped::Egress => &c.dropped_egress,
+                Dropped::Arp => &c.dropped_arp,
+                Dropped::Unsupported => &c.dropped_unsupported,
+            });
             false
         }
     }
@@ -1134,5 +1096,6 @@ fn relay(c: &mut Conn, sockets: &mut SocketSet<'static>, buf: &mut [u8]) -> bool
     }
 }
 
+mod policy;
 #[cfg(test)]
 mod tests;

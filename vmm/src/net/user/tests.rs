@@ -3,7 +3,9 @@
 //! backend; the only host sockets involved are on 127.0.0.1.
 
 use super::*;
-use smoltcp::wire::{IpAddress, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
+use smoltcp::wire::{
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// TEST-NET-2 (RFC 5737), a documentation address. Frames for it never leave
@@ -655,4 +657,54 @@ fn a_learned_guest_mac_skips_the_arp_round_trip() {
     t.join().unwrap().expect("a round trip");
     // The learning frame was the stack's own: nothing counted as from the guest.
     assert_eq!(g.h.stats().frames_from_guest, 1);
+}
+
+/// The no-egress policy on its own (`policy.rs`), frame by frame.
+#[test]
+fn the_policy_admits_only_what_is_for_the_gateway() {
+    use super::policy::{admit, Dropped, Verdict};
+    let only_8080 = |p: u16| p == 8080;
+    assert_eq!(admit(&arp_request(GATEWAY_IP), only_8080), Verdict::Admit);
+    assert_eq!(
+        admit(&arp_request(Ipv4Addr::new(10, 0, 2, 3)), only_8080),
+        Verdict::Drop(Dropped::Arp)
+    );
+    assert_eq!(
+        admit(&icmp_echo(GATEWAY_IP, false, 1, 1, b"hi"), only_8080),
+        Verdict::Admit
+    );
+    // Anything for another address is egress, whatever the protocol.
+    assert_eq!(
+        admit(&icmp_echo(DOC_ADDR, false, 1, 1, b"hi"), only_8080),
+        Verdict::Drop(Dropped::Egress)
+    );
+    let syn = |port| tcp(40000, port, TcpControl::Syn, 1, None, b"");
+    assert_eq!(
+        admit(&tcp_segment(DOC_ADDR, &syn(8080)), only_8080),
+        Verdict::Drop(Dropped::Egress)
+    );
+    assert_eq!(
+        admit(&tcp_segment(GATEWAY_IP, &syn(8080)), only_8080),
+        Verdict::Admit
+    );
+    assert_eq!(
+        admit(&tcp_segment(GATEWAY_IP, &syn(22)), only_8080),
+        Verdict::AdmitRefused
+    );
+    // UDP (no DNS, no DHCP), another EtherType, garbage.
+    let udp = ipv4(GATEWAY_IP, IpProtocol::Udp, 8, |p| p.fill(0));
+    assert_eq!(admit(&udp, only_8080), Verdict::Drop(Dropped::Unsupported));
+    let ipv6 = eth(GATEWAY_MAC, EthernetProtocol::Ipv6, 40, |p| p.fill(0));
+    assert_eq!(admit(&ipv6, only_8080), Verdict::Drop(Dropped::Unsupported));
+    assert_eq!(
+        admit(&[1, 2, 3], only_8080),
+        Verdict::Drop(Dropped::Malformed)
+    );
+    // A frame for another MAC does not enter even if it is for the gateway's IP.
+    let mut other_mac = icmp_echo(GATEWAY_IP, false, 1, 1, b"hi");
+    other_mac[..6].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+    assert_eq!(
+        admit(&other_mac, only_8080),
+        Verdict::Drop(Dropped::Unsupported)
+    );
 }
