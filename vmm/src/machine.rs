@@ -274,7 +274,7 @@ struct ParkState {
     /// MSR indices to save (set by the pauser).
     msr_list: Vec<u32>,
     /// Each parked vCPU's saved state, by index.
-    saved: Vec<Option<Result<crate::snapshot::VcpuState, String>>>,
+    saved: Vec<Option<Result<crate::kvm::vcpu::state::VcpuState, String>>>,
 }
 
 /// A vCPU thread to kick, by the id std gives (`RawPthread`: an integer on
@@ -876,7 +876,8 @@ impl VcpuContext {
             let p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
             p.msr_list.clone()
         };
-        let saved = crate::snapshot::save_vcpu(self.id, vcpu, &msr_list).map_err(|e| e.to_string());
+        let saved =
+            crate::kvm::vcpu::state::save_vcpu(self.id, vcpu, &msr_list).map_err(|e| e.to_string());
         let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
         let i = usize::from(self.id);
         if p.saved.len() <= i {
@@ -1139,7 +1140,7 @@ impl Machine {
         &self,
         timeout: Duration,
         msr_list: &[u32],
-    ) -> Result<Vec<crate::snapshot::VcpuState>, String> {
+    ) -> Result<Vec<crate::kvm::vcpu::state::VcpuState>, String> {
         let n = self.vcpu_count;
         {
             let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
@@ -1192,7 +1193,7 @@ impl Machine {
     pub fn pause(&self, timeout: Duration) -> Result<(), String> {
         // The vCPUs save their state on parking (a later snapshot of the
         // paused VM uses it), so they need the MSR list now.
-        let msrs = crate::snapshot::msr_index_list(&self._kvm);
+        let msrs = crate::kvm::vcpu::state::msr_index_list(&self._kvm);
         self.pause_and_save(timeout, &msrs).map(|_| ())
     }
 

@@ -1,7 +1,9 @@
 //! KVM: VM creation (in-kernel irqchip and PIT, guest RAM slots) and vCPU
 //! configuration (CPUID, MSRs, FPU, local APIC, boot registers).
 
+pub mod blob;
 pub mod vcpu;
+pub mod vm_state;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};

@@ -29,8 +29,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::blob::{Fpu, KvmBlob};
 use super::SnapshotError;
+pub use crate::kvm::vcpu::state::{MsrValue, VcpuState};
+pub use crate::kvm::vm_state::VmState;
+pub use crate::virtio::state::{VirtioMmioState, VirtioNetState, VirtqueueState};
 
 /// Magic string in every header.
 pub const MAGIC: &str = "osso-snapshot";
@@ -152,60 +154,6 @@ struct HeaderIdent {
     vmm_version: String,
 }
 
-/// One MSR.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MsrValue {
-    /// MSR index.
-    pub index: u32,
-    /// Value.
-    pub data: u64,
-}
-
-/// One vCPU. Pieces the host's KVM could not read are `None`, with the
-/// reason in `unsupported`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct VcpuState {
-    /// vCPU index (APIC ID).
-    pub id: u8,
-    /// CPUID as set on the vCPU.
-    pub cpuid: Vec<KvmBlob<kvm_bindings::kvm_cpuid_entry2>>,
-    /// General registers.
-    pub regs: KvmBlob<kvm_bindings::kvm_regs>,
-    /// Special registers.
-    pub sregs: KvmBlob<kvm_bindings::kvm_sregs>,
-    /// x87/SSE state (`KVM_GET_FPU`).
-    pub fpu: Option<Fpu>,
-    /// Extended state (`KVM_GET_XSAVE`, legacy 4 KiB area).
-    pub xsave: Option<KvmBlob<kvm_bindings::kvm_xsave>>,
-    /// XCRs.
-    pub xcrs: Option<KvmBlob<kvm_bindings::kvm_xcrs>>,
-    /// Debug registers.
-    pub debugregs: Option<KvmBlob<kvm_bindings::kvm_debugregs>>,
-    /// Local APIC registers.
-    pub lapic: Option<KvmBlob<kvm_bindings::kvm_lapic_state>>,
-    /// MSRs: those of `KVM_GET_MSR_INDEX_LIST` the vCPU lets us read.
-    pub msrs: Vec<MsrValue>,
-    /// Multiprocessing state (runnable, halted...).
-    pub mp_state: Option<KvmBlob<kvm_bindings::kvm_mp_state>>,
-    /// Pending exceptions, interrupts, NMIs.
-    pub events: Option<KvmBlob<kvm_bindings::kvm_vcpu_events>>,
-    /// What could not be saved on this host, and why.
-    pub unsupported: Vec<String>,
-}
-
-/// VM-wide KVM state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct VmState {
-    /// PIC master, PIC slave, IOAPIC (`KVM_GET_IRQCHIP` chip ids 0, 1, 2).
-    pub irqchips: Vec<KvmBlob<kvm_bindings::kvm_irqchip>>,
-    /// PIT (`KVM_GET_PIT2`).
-    pub pit: Option<KvmBlob<kvm_bindings::kvm_pit_state2>>,
-    /// KVM clock (`KVM_GET_CLOCK`).
-    pub clock: Option<KvmBlob<kvm_bindings::kvm_clock_data>>,
-    /// What could not be saved on this host, and why.
-    pub unsupported: Vec<String>,
-}
-
 /// The 16550 UART's registers and receive FIFO (vm-superio's `SerialState`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialState {
@@ -263,64 +211,6 @@ impl From<&SerialState> for vm_superio::serial::SerialState {
             in_buffer: s.in_buffer.clone(),
         }
     }
-}
-
-/// One virtqueue as the transport knows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtqueueState {
-    /// QueueNum.
-    pub size: u16,
-    /// QueueReady.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Available (driver) ring address.
-    pub avail_ring: u64,
-    /// Used (device) ring address.
-    pub used_ring: u64,
-    /// Next available entry the device will take.
-    pub next_avail: u16,
-    /// Next used entry the device will fill.
-    pub next_used: u16,
-}
-
-/// A virtio-mmio transport (registers and queues). For a device that was
-/// running, the queue positions are the used rings' `idx` in guest memory
-/// at snapshot time: the VMM's devices return every chain they take before
-/// taking the next (so `next_avail == next_used` when idle); a frame in
-/// flight at that instant is lost, as on a real network.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioMmioState {
-    /// The device type (1 = net).
-    pub device_type: u32,
-    /// DeviceFeaturesSel.
-    pub device_features_sel: u32,
-    /// DriverFeaturesSel.
-    pub driver_features_sel: u32,
-    /// Features the driver accepted.
-    pub driver_features: u64,
-    /// QueueSel.
-    pub queue_sel: u32,
-    /// Status.
-    pub status: u32,
-    /// InterruptStatus.
-    pub interrupt_status: u32,
-    /// The queues.
-    pub queues: Vec<VirtqueueState>,
-}
-
-/// A virtio-net device: its transport and MAC. The backend is not saved: a
-/// restored VM gets a fresh one (see the module documentation).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioNetState {
-    /// MMIO slot base address.
-    pub mmio_base: u64,
-    /// GSI.
-    pub irq: u32,
-    /// The guest's MAC (the restored device must offer the same one).
-    pub mac: [u8; 6],
-    /// The transport.
-    pub transport: VirtioMmioState,
 }
 
 /// The VMM's devices. The i8042 (reset only) and the boot timer (a
@@ -499,6 +389,7 @@ pub fn check_memory_file(dir: &Path, header: &Header) -> Result<PathBuf, Snapsho
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kvm::blob::{Fpu, KvmBlob};
 
     fn host() -> HostFacts {
         HostFacts {

@@ -1,4 +1,10 @@
-//! Snapshot and restore.
+//! Snapshot and restore: the orchestration (pause, save each piece, write
+//! the files; read them, build a machine, load each piece) and the file
+//! format ([`format`]). Each piece's state type and its save and restore
+//! live with their owner: a vCPU's in `crate::kvm::vcpu::state`, the VM's
+//! irqchip, PIT and clock in `crate::kvm::vm_state`, the virtio transport's
+//! in `crate::virtio::state` (saved and loaded by the transport). No other
+//! module of the VMM imports this one.
 //!
 //! [`crate::Machine::snapshot`] pauses the vCPUs (each parks itself out of
 //! `KVM_RUN`, after one `KVM_RUN` with `immediate_exit` set so that a pending
@@ -25,28 +31,26 @@
 //! that state. A machine with other MMIO devices is refused at snapshot time
 //! with [`SnapshotError::Unsupported`], rather than restored half-working.
 
-pub mod blob;
 pub mod format;
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::Kvm;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap,
 };
 
+use crate::kvm::vcpu::state::{msr_index_list, restore_vcpu};
+use crate::kvm::vm_state::{restore_vm, save_vm};
 use crate::kvm::{kvm_err, KvmError};
 use crate::machine::{Machine, MachineBuilder, VmConfig, VmmError};
 pub use crate::metrics::RestoreMetrics;
 use crate::net::NetConfig;
 use crate::virtio::attach::{attach_net, AttachedNet};
-use blob::{Fpu, KvmBlob};
 pub use format::{
     DeviceStates, Header, HostFacts, MsrValue, SerialState, SnapshotBody, VcpuState,
     VirtioMmioState, VirtioNetState, VirtqueueState, VmState,
@@ -141,264 +145,6 @@ pub fn host_facts(kvm: &Kvm) -> HostFacts {
 pub fn read_snapshot(dir: &Path) -> Result<(Header, SnapshotBody), SnapshotError> {
     let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
     format::read_state(dir, &host_facts(&kvm))
-}
-
-/// `KVM_GET_MSR_INDEX_LIST`, once per process.
-pub(crate) fn msr_index_list(kvm: &Kvm) -> Vec<u32> {
-    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
-    LIST.get_or_init(|| match kvm.get_msr_index_list() {
-        Ok(l) => l.as_slice().to_vec(),
-        Err(e) => {
-            tracing::warn!(%e, "KVM_GET_MSR_INDEX_LIST failed: no MSRs in snapshots");
-            Vec::new()
-        }
-    })
-    .clone()
-}
-
-/// The MSRs of `list` this host's vCPUs let us read (probed once per process:
-/// `KVM_GET_MSRS` stops at the first MSR it refuses, which is dropped).
-fn readable_msrs(vcpu: &VcpuFd, list: &[u32]) -> Vec<u32> {
-    static READABLE: OnceLock<Vec<u32>> = OnceLock::new();
-    if let Some(r) = READABLE.get() {
-        return r.clone();
-    }
-    let mut ok = Vec::with_capacity(list.len());
-    let mut refused = Vec::new();
-    let mut rest: Vec<u32> = list.to_vec();
-    while !rest.is_empty() {
-        let chunk: Vec<u32> = rest.iter().take(MSR_CHUNK).copied().collect();
-        let n = match read_msrs(vcpu, &chunk) {
-            Ok(v) => v.len(),
-            Err(_) => 0,
-        };
-        ok.extend_from_slice(&chunk[..n]);
-        if n < chunk.len() {
-            refused.push(chunk[n]);
-            rest.drain(..=n);
-        } else {
-            rest.drain(..n);
-        }
-    }
-    if !refused.is_empty() {
-        tracing::debug!(
-            readable = ok.len(),
-            refused = refused.len(),
-            "MSR index list filtered to the MSRs KVM_GET_MSRS accepts"
-        );
-    }
-    READABLE.get_or_init(|| ok).clone()
-}
-
-/// `KVM_GET_MSRS` takes at most this many at once.
-const MSR_CHUNK: usize = 200;
-
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrValue>, KvmError> {
-    let entries: Vec<kvm_msr_entry> = indices
-        .iter()
-        .map(|&index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|_| KvmError {
-        op: "build MSRs",
-        source: kvm_ioctls::Error::new(libc::E2BIG),
-    })?;
-    let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
-    Ok(msrs
-        .as_slice()
-        .iter()
-        .take(n)
-        .map(|e| MsrValue {
-            index: e.index,
-            data: e.data,
-        })
-        .collect())
-}
-
-/// Saves one vCPU's state. Call on a vCPU that is out of `KVM_RUN` (parked),
-/// after pending I/O was completed.
-pub fn save_vcpu(id: u8, vcpu: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, KvmError> {
-    fn opt<T>(
-        unsupported: &mut Vec<String>,
-        what: &str,
-        r: Result<T, kvm_ioctls::Error>,
-    ) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                unsupported.push(format!("{what}: {e}"));
-                None
-            }
-        }
-    }
-    let mut unsupported = Vec::new();
-    let u = &mut unsupported;
-    let mp_state = opt(u, "KVM_GET_MP_STATE", vcpu.get_mp_state()).map(KvmBlob);
-    let fpu = opt(u, "KVM_GET_FPU", vcpu.get_fpu()).map(Fpu);
-    let xsave = opt(u, "KVM_GET_XSAVE", vcpu.get_xsave()).map(KvmBlob);
-    let xcrs = opt(u, "KVM_GET_XCRS", vcpu.get_xcrs()).map(KvmBlob);
-    let debugregs = opt(u, "KVM_GET_DEBUGREGS", vcpu.get_debug_regs()).map(KvmBlob);
-    let lapic = opt(u, "KVM_GET_LAPIC", vcpu.get_lapic()).map(KvmBlob);
-    let events = opt(u, "KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events()).map(KvmBlob);
-    let cpuid = match vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
-        Ok(c) => c.as_slice().iter().map(|e| KvmBlob(*e)).collect(),
-        Err(e) => {
-            unsupported.push(format!("KVM_GET_CPUID2: {e}"));
-            Vec::new()
-        }
-    };
-    let regs = KvmBlob(vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?);
-    let sregs = KvmBlob(vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
-    let readable = readable_msrs(vcpu, msr_list);
-    let mut msrs = Vec::with_capacity(readable.len());
-    for chunk in readable.chunks(MSR_CHUNK) {
-        let got = read_msrs(vcpu, chunk)?;
-        if got.len() < chunk.len() {
-            unsupported.push(format!("MSR {:#x} could not be read", chunk[got.len()]));
-        }
-        msrs.extend(got);
-    }
-    Ok(VcpuState {
-        id,
-        cpuid,
-        regs,
-        sregs,
-        fpu,
-        xsave,
-        xcrs,
-        debugregs,
-        lapic,
-        msrs,
-        mp_state,
-        events,
-        unsupported,
-    })
-}
-
-/// Loads a saved state into a fresh vCPU (Firecracker's order: CPUID, MP
-/// state, registers, extended state, LAPIC, MSRs, and pending events last).
-pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, fallback_cpuid: &CpuId) -> Result<(), KvmError> {
-    if s.cpuid.is_empty() {
-        vcpu.set_cpuid2(fallback_cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
-    } else {
-        let entries: Vec<_> = s.cpuid.iter().map(|b| b.0).collect();
-        let c = CpuId::from_entries(&entries).map_err(|_| KvmError {
-            op: "build CPUID",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
-        vcpu.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
-    }
-    if let Some(m) = &s.mp_state {
-        vcpu.set_mp_state(m.0)
-            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-    }
-    vcpu.set_regs(&s.regs.0).map_err(kvm_err("KVM_SET_REGS"))?;
-    vcpu.set_sregs(&s.sregs.0)
-        .map_err(kvm_err("KVM_SET_SREGS"))?;
-    if let Some(f) = &s.fpu {
-        vcpu.set_fpu(&f.0).map_err(kvm_err("KVM_SET_FPU"))?;
-    }
-    if let Some(x) = &s.xsave {
-        // SAFETY: a legacy 4 KiB `kvm_xsave` read by KVM_GET_XSAVE on a host
-        // of the same kind (checked by the header); no XSAVE2 extension area
-        // is passed, so KVM reads only the struct itself.
-        unsafe { vcpu.set_xsave(&x.0) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
-    }
-    if let Some(x) = &s.xcrs {
-        vcpu.set_xcrs(&x.0).map_err(kvm_err("KVM_SET_XCRS"))?;
-    }
-    if let Some(d) = &s.debugregs {
-        vcpu.set_debug_regs(&d.0)
-            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-    }
-    if let Some(l) = &s.lapic {
-        vcpu.set_lapic(&l.0).map_err(kvm_err("KVM_SET_LAPIC"))?;
-    }
-    for chunk in s.msrs.chunks(MSR_CHUNK) {
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|m| kvm_msr_entry {
-                index: m.index,
-                data: m.data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| KvmError {
-            op: "build MSRs",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
-        let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-        if n < entries.len() {
-            // Set the rest one by one past the refused one.
-            tracing::debug!(
-                msr = format_args!("{:#x}", entries[n].index),
-                "KVM_SET_MSRS refused an MSR; setting the others one by one"
-            );
-            for e in &entries[n..] {
-                if let Ok(one) = Msrs::from_entries(std::slice::from_ref(e)) {
-                    if vcpu.set_msrs(&one).unwrap_or(0) != 1 {
-                        tracing::debug!(msr = format_args!("{:#x}", e.index), "MSR not restored");
-                    }
-                }
-            }
-        }
-    }
-    if let Some(ev) = &s.events {
-        vcpu.set_vcpu_events(&ev.0)
-            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
-    }
-    Ok(())
-}
-
-/// Saves the in-kernel irqchip (PIC master, PIC slave, IOAPIC), PIT and clock.
-pub fn save_vm(vm: &VmFd) -> VmState {
-    let mut s = VmState::default();
-    for chip_id in 0..3u32 {
-        let mut c = kvm_bindings::kvm_irqchip {
-            chip_id,
-            ..Default::default()
-        };
-        match vm.get_irqchip(&mut c) {
-            Ok(()) => s.irqchips.push(KvmBlob(c)),
-            Err(e) => s
-                .unsupported
-                .push(format!("KVM_GET_IRQCHIP (chip {chip_id}): {e}")),
-        }
-    }
-    match vm.get_pit2() {
-        Ok(p) => s.pit = Some(KvmBlob(p)),
-        Err(e) => s.unsupported.push(format!("KVM_GET_PIT2: {e}")),
-    }
-    match vm.get_clock() {
-        Ok(c) => s.clock = Some(KvmBlob(c)),
-        Err(e) => s.unsupported.push(format!("KVM_GET_CLOCK: {e}")),
-    }
-    s
-}
-
-/// Loads VM-wide state into a VM that has its irqchip and PIT.
-pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), KvmError> {
-    for c in &s.irqchips {
-        vm.set_irqchip(&c.0).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
-    }
-    if let Some(p) = &s.pit {
-        vm.set_pit2(&p.0).map_err(kvm_err("KVM_SET_PIT2"))?;
-    }
-    if let Some(c) = &s.clock {
-        // Only the clock value: flags such as KVM_CLOCK_TSC_STABLE are
-        // reported by GET and refused by SET.
-        let clock = kvm_bindings::kvm_clock_data {
-            clock: c.0.clock,
-            ..Default::default()
-        };
-        if let Err(e) = vm.set_clock(&clock) {
-            tracing::debug!(%e, "KVM_SET_CLOCK failed: guest clock not restored");
-        }
-    }
-    Ok(())
 }
 
 /// Writes guest RAM to `path`: non-zero pages written, zero pages left as

@@ -499,9 +499,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
 impl<D: VirtioDevice> MmioTransport<D> {
     /// The transport's registers and queues, for a snapshot (the vCPUs must
     /// be paused). Queue positions of a running device come from the used
-    /// rings in guest memory (see [`crate::snapshot::format::VirtioMmioState`]).
-    pub fn save_state(&self) -> crate::snapshot::format::VirtioMmioState {
-        use crate::snapshot::format::VirtqueueState;
+    /// rings in guest memory (see [`crate::virtio::state::VirtioMmioState`]).
+    pub fn save_state(&self) -> crate::virtio::state::VirtioMmioState {
+        use crate::virtio::state::VirtqueueState;
         let queues = self
             .queues
             .iter()
@@ -525,7 +525,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             })
             .collect();
-        crate::snapshot::format::VirtioMmioState {
+        crate::virtio::state::VirtioMmioState {
             device_type: self.device.device_type(),
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -542,7 +542,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// device on the restored queues.
     pub fn restore_state(
         &mut self,
-        s: &crate::snapshot::format::VirtioMmioState,
+        s: &crate::virtio::state::VirtioMmioState,
     ) -> Result<(), String> {
         if self.activated {
             return Err("the transport is already running".into());
@@ -861,7 +861,7 @@ pub(crate) mod tests {
         assert_eq!(saved.queues[1].used_ring, 0x6000);
         assert_eq!(saved.interrupt_status, 1);
         let json = serde_json::to_string(&saved).unwrap();
-        let back: crate::snapshot::format::VirtioMmioState = serde_json::from_str(&json).unwrap();
+        let back: crate::virtio::state::VirtioMmioState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, saved);
 
         let (mut fresh, act, _) = transport();

@@ -52,6 +52,7 @@ pub mod attach;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod state;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

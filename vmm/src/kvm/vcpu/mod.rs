@@ -1,6 +1,9 @@
-//! vCPU configuration: CPUID (KVM's supported set with the KVM signature
-//! leaves, APIC IDs, the hypervisor bit), boot MSRs, FPU, local APIC LINT0 =
-//! ExtINT / LINT1 = NMI, and the registers of the boot entry.
+//! One vCPU: its configuration here (CPUID: KVM's supported set with the KVM
+//! signature leaves, APIC IDs, the hypervisor bit; boot MSRs, FPU, local APIC
+//! LINT0 = ExtINT / LINT1 = NMI, and the registers of the boot entry), and
+//! its saved state with save and restore in [`state`].
+
+pub mod state;
 
 use std::sync::OnceLock;
 
