@@ -1,8 +1,10 @@
 //! One vCPU: its configuration here (CPUID: KVM's supported set with the KVM
 //! signature leaves, APIC IDs, the hypervisor bit; boot MSRs, FPU, local APIC
 //! LINT0 = ExtINT / LINT1 = NMI, and the registers of the boot entry), and
-//! its saved state with save and restore in [`state`].
+//! its saved state with save and restore in [`state`], and its thread's run
+//! loop and run state in [`run`].
 
+pub mod run;
 pub mod state;
 
 use std::sync::OnceLock;

@@ -1,0 +1,337 @@
+//! The machine: what it is asked to be ([`VmConfig`], in `config.rs`), its
+//! assembly ([`MachineBuilder`], in `builder.rs`: where other code adds MMIO
+//! devices, IRQs, eventfds and command-line fragments before boot, with one
+//! entry point for boot and one for restore), and the running VM here
+//! ([`Machine`]: stop from any thread, pause and resume, wait for the
+//! [`ExitReason`] and the [`Metrics`]). The vCPU threads' loop and their
+//! shared run state are `crate::kvm::vcpu::run`.
+//!
+//! ```no_run
+//! use osso_vmm::{MachineBuilder, VmConfig};
+//! let config = VmConfig::kernel("vmlinux", Some("initramfs.cpio.gz".into()));
+//! let builder = MachineBuilder::new(config)?;
+//! // builder.add_mmio_device(...), builder.register_irqfd(...), ...
+//! let machine = builder.start()?;
+//! let outcome = machine.wait();
+//! println!("{} after {} us", outcome.exit, outcome.metrics.end_us);
+//! # Ok::<(), osso_vmm::VmmError>(())
+//! ```
+//!
+//! Stopping: [`StopHandle::stop`] records the reason, sets every vCPU's
+//! `immediate_exit` from a signal handler (SIGRTMIN, sent with vmm-sys-util's
+//! `Killable`) so a vCPU inside `KVM_RUN` returns at once with `EINTR`, and a
+//! vCPU about to enter it does not enter.
+
+mod builder;
+mod config;
+
+use builder::join_all;
+pub use builder::MachineBuilder;
+pub use config::{MmioSlot, VmConfig, VmmError, MAX_VCPUS};
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::bus::Bus;
+use crate::devices::serial::Serial;
+pub use crate::kvm::vcpu::run::ExitReason;
+use crate::kvm::vcpu::run::RunControl;
+use crate::metrics::{memory_figures, Metrics, Timeline};
+
+/// A cloneable handle that stops the VM from any thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    shared: Arc<RunControl>,
+}
+
+impl StopHandle {
+    /// Stops the VM with [`ExitReason::Stopped`] (unless it already ended).
+    pub fn stop(&self) {
+        self.shared.request_exit(ExitReason::Stopped);
+    }
+
+    /// Whether the VM has ended.
+    pub fn has_exited(&self) -> bool {
+        self.shared.reason().is_some()
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// Why.
+    pub exit: ExitReason,
+    /// What was measured.
+    pub metrics: Metrics,
+}
+
+/// A running VM.
+pub struct Machine {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    mmio: Bus,
+    restore: Option<crate::metrics::RestoreMetrics>,
+    serial: Arc<Serial>,
+    shared: Arc<RunControl>,
+    timeline: Arc<Timeline>,
+    /// The vCPU threads, until [`Machine::wait`] joins them.
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    vcpu_count: usize,
+    deadline: Option<Instant>,
+    protocol: &'static str,
+    _kvm: Kvm,
+}
+
+impl Machine {
+    /// A handle that stops the VM from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Stops the VM with [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        self.stop_handle().stop();
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.vm.clone()
+    }
+
+    /// Guest RAM.
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    /// The run's timeline (milestones so far).
+    pub fn timeline(&self) -> Arc<Timeline> {
+        self.timeline.clone()
+    }
+
+    /// The exit reason if the VM has ended, without waiting.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.shared.reason()
+    }
+
+    /// Waits up to `timeout` for the VM to end, without consuming the handle
+    /// (the configured VM timeout is enforced by [`Machine::wait`] only).
+    pub fn wait_for_exit(&self, timeout: Duration) -> Option<ExitReason> {
+        let deadline = Instant::now() + timeout;
+        let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+        while exit.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            exit = self
+                .shared
+                .exited
+                .wait_timeout(exit, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        exit.clone()
+    }
+
+    /// Pauses every vCPU (each parks out of `KVM_RUN` and saves its state)
+    /// and returns their states, in index order. The VM stays paused until
+    /// [`Machine::resume`]. Fails if the VM ended or a vCPU did not park
+    /// within `timeout`, or a vCPU's state could not be read (the pause is
+    /// then undone).
+    pub(crate) fn pause_and_save(
+        &self,
+        timeout: Duration,
+        msr_list: &[u32],
+    ) -> Result<Vec<crate::kvm::vcpu::state::VcpuState>, String> {
+        let n = self.vcpu_count;
+        {
+            let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+            p.msr_list = msr_list.to_vec();
+        }
+        self.shared.pause.store(true, Ordering::SeqCst);
+        self.shared.kick_all();
+        let deadline = Instant::now() + timeout;
+        let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        while p.count < n {
+            let now = Instant::now();
+            if self.shared.reason().is_some() || now >= deadline {
+                drop(p);
+                self.resume();
+                return Err(match self.shared.reason() {
+                    Some(r) => format!("the VM has ended ({r})"),
+                    None => format!("vCPUs did not park within {timeout:?}"),
+                });
+            }
+            p = self
+                .shared
+                .park_cv
+                .wait_timeout(p, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut failed = None;
+        for i in 0..n {
+            match p.saved.get(i).cloned().flatten() {
+                Some(Ok(s)) => out.push(s),
+                Some(Err(e)) => failed = Some(format!("saving vCPU {i}: {e}")),
+                None => failed = Some(format!("vCPU {i} saved nothing")),
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // Not left paused behind an error.
+            drop(p);
+            self.resume();
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// Pauses the VM: every vCPU parks out of `KVM_RUN`. Devices keep their
+    /// threads (a paused guest posts no new work).
+    pub fn pause(&self, timeout: Duration) -> Result<(), String> {
+        // The vCPUs save their state on parking (a later snapshot of the
+        // paused VM uses it), so they need the MSR list now.
+        let msrs = crate::kvm::vcpu::state::msr_index_list(&self._kvm);
+        self.pause_and_save(timeout, &msrs).map(|_| ())
+    }
+
+    /// Ends a pause: parked vCPUs run on.
+    pub fn resume(&self) {
+        self.shared.pause.store(false, Ordering::SeqCst);
+        let _p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        self.shared.park_cv.notify_all();
+    }
+
+    /// Whether the VM is paused (a pause was asked and not ended).
+    pub fn is_paused(&self) -> bool {
+        self.shared.pause.load(Ordering::SeqCst)
+    }
+
+    /// The restore phases, for a machine made by [`crate::snapshot::restore`].
+    pub fn restore_metrics(&self) -> Option<crate::metrics::RestoreMetrics> {
+        self.restore
+    }
+
+    pub(crate) fn kvm(&self) -> &Kvm {
+        &self._kvm
+    }
+
+    pub(crate) fn mmio_ranges(&self) -> Vec<(u64, u64)> {
+        self.mmio.ranges().iter().map(|r| (r.base, r.len)).collect()
+    }
+
+    pub(crate) fn boot_protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    pub(crate) fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.serial.save_state()
+    }
+
+    /// Queues console input for the guest; returns the bytes accepted.
+    pub fn send_console_input(&self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_input(bytes)
+    }
+
+    /// Waits for the VM to end (by itself, a stop, or the timeout), joins the
+    /// vCPU threads and returns the reason and the metrics. Takes `&self` so
+    /// that a waiter thread and a caller taking snapshots can share the
+    /// machine (`Arc<Machine>`); a second call returns at once.
+    pub fn wait(&self) -> RunOutcome {
+        {
+            let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+            while exit.is_none() {
+                match self.deadline {
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            drop(exit);
+                            self.shared.request_exit(ExitReason::Timeout);
+                            exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
+                            continue;
+                        }
+                        exit = self
+                            .shared
+                            .exited
+                            .wait_timeout(exit, d - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    None => {
+                        exit = self
+                            .shared
+                            .exited
+                            .wait(exit)
+                            .unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+            }
+        }
+        // Make sure every vCPU is on its way out, then join them.
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.kick_all();
+        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
+        join_all(&self.shared, handles);
+        let exit = self.shared.reason().unwrap_or(ExitReason::Stopped);
+        let mem = memory_figures(&self.mem);
+        let t = &self.timeline;
+        let metrics = Metrics {
+            start_us: 0,
+            first_kvm_run_us: t.first_kvm_run_us(),
+            init_started_us: t.init_started_us(),
+            kernel_panic_us: t.kernel_panic_us(),
+            boot_timer_us: t.boot_timer_us(),
+            end_us: self
+                .shared
+                .end_us
+                .get()
+                .copied()
+                .unwrap_or_else(|| t.now_us()),
+            exit_reason: exit.to_string(),
+            boot_protocol: self.protocol.to_string(),
+            guest_mem_bytes: mem.guest_mem_bytes,
+            guest_resident_bytes: mem.guest_resident_bytes,
+            process_rss_bytes: mem.process_rss_bytes,
+            vmm_rss_bytes: mem.vmm_rss_bytes,
+            vmm_anon_rss_bytes: mem.vmm_anon_rss_bytes,
+            restore: self.restore,
+        };
+        RunOutcome { exit, metrics }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let handles = std::mem::take(self.handles.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if !handles.is_empty() {
+            self.shared.request_exit(ExitReason::Stopped);
+            join_all(&self.shared, handles);
+        }
+    }
+}
+
+/// Creates, starts and waits for a VM: the whole run in one call.
+pub fn run(config: VmConfig) -> Result<RunOutcome, VmmError> {
+    Ok(MachineBuilder::new(config)?.start()?.wait())
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vcpus", &self.vcpu_count)
+            .field("protocol", &self.protocol)
+            .field("exit", &self.shared.reason())
+            .finish_non_exhaustive()
+    }
+}
