@@ -16,7 +16,7 @@
 //!     and (hardware KVM only) to ready (the boot timer), plus the VMM RSS
 //!     and guest RAM resident sampled at the `/init` line. These runs drive
 //!     `osso_vmm` directly, wired exactly as `osso_sdk::spawn` does
-//!     (`MachineBuilder` + `attach_net` with the user backend), so the bench
+//!     (`MachineBuilder` + `MachineBuilder::attach_net` with the user backend), so the bench
 //!     can timestamp the first console byte itself, each in a fresh process
 //!     (this bench binary run again), so that the RSS is one VM's, as QEMU's is;
 //!   - image size (kernel + initramfs as booted).
@@ -244,7 +244,7 @@ fn real_kernel_boots(
     let col = |v: &[KernelRun], f: fn(&KernelRun) -> Option<f64>| -> Vec<f64> {
         v.iter().filter_map(f).collect()
     };
-    let osso_how = "osso_vmm driven as osso_sdk::spawn does it (MachineBuilder + attach_net, user network, 128 MiB, 1 vCPU, same vmlinux + initramfs), one fresh process per run (this bench binary re-run), start = just before MachineBuilder::new";
+    let osso_how = "osso_vmm driven as osso_sdk::spawn does it (MachineBuilder + MachineBuilder::attach_net, user network, 128 MiB, 1 vCPU, same vmlinux + initramfs), one fresh process per run (this bench binary re-run), start = just before MachineBuilder::new";
     report.add(
         "osso",
         "real kernel: VMM setup (start to first KVM_RUN)",

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use osso_sdk::HostKvm;
 use osso_vmm::metrics::memory_figures;
 use osso_vmm::net::{MacAddr, NetBackendConfig, NetConfig};
-use osso_vmm::virtio::attach::attach_net;
 use osso_vmm::{MachineBuilder, VmConfig};
 use serde_json::json;
 
@@ -100,7 +99,7 @@ fn osso_kernel_run(
         backend: NetBackendConfig::User,
         ..NetConfig::default()
     };
-    let net = attach_net(&mut builder, &net_config).map_err(|e| e.to_string())?;
+    builder.attach_net(&net_config).map_err(|e| e.to_string())?;
     let timeline = builder.timeline();
     let mem = builder.guest_memory();
     let machine = builder.start().map_err(|e| e.to_string())?;
@@ -146,12 +145,7 @@ fn osso_kernel_run(
     run.first_byte_ms = (fb != u64::MAX).then(|| us_to_ms(fb));
     machine.stop();
     let _ = machine.wait();
-    if let Some(net) = net {
-        net.transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .shutdown();
-    }
+    machine.release_devices();
     drop(mem);
     match failure {
         Some(f) if run.init_ms.is_none() => Err(format!(

@@ -52,7 +52,7 @@ pub enum Error {
     Pool(String),
     /// The network device could not be set up.
     #[error("network: {0}")]
-    Net(#[from] osso_vmm::virtio::attach::AttachError),
+    Net(#[from] osso_vmm::AttachError),
     /// The guest did not become ready in time; it has been stopped.
     #[error(
         "the guest was not ready within {timeout:?} ({ready}); last console lines:\n{console_tail}"

@@ -13,7 +13,7 @@ use osso_vmm::metrics::{
 };
 use osso_vmm::net::UserNetHandle;
 use osso_vmm::snapshot::{self, RestoreOptions};
-use osso_vmm::virtio::attach::{attach_net, AttachedNet};
+use osso_vmm::AttachedNet;
 use osso_vmm::{BootSource, ExitReason, Machine, MachineBuilder, RunOutcome, StopHandle, VmConfig};
 use vm_memory::GuestMemoryMmap;
 
@@ -81,7 +81,6 @@ pub struct Vm {
     /// Serialises pause, resume and snapshot.
     control: Mutex<()>,
     mem: Option<GuestMemoryMmap>,
-    net: Option<AttachedNet>,
     forwards: Vec<std::net::SocketAddr>,
     outcome: Arc<Outcome>,
     waiter: Option<JoinHandle<()>>,
@@ -95,7 +94,10 @@ impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
             .field("ended", &self.has_ended())
-            .field("net", &self.net)
+            .field(
+                "net",
+                &self.machine.as_ref().and_then(|m| m.net().map(|n| n.slot)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -225,14 +227,13 @@ pub(crate) fn spawn_files(
     vmc.seccomp = config.seccomp;
     let mut builder = MachineBuilder::new(vmc)?;
     observe_milestones(&builder.timeline(), &signal);
-    let net = attach_net(&mut builder, &config.net_config())?;
-    let forwards = set_up_forwards(net.as_ref(), &config)?;
+    builder.attach_net(&config.net_config())?;
+    let forwards = set_up_forwards(builder.net(), &config)?;
     let machine = builder.start()?;
     Vm::assemble(VmParts {
         console,
         signal,
         machine,
-        net,
         forwards,
         image: files.image,
         scratch,
@@ -250,7 +251,6 @@ struct VmParts {
     console: Console,
     signal: Arc<Signal>,
     machine: Machine,
-    net: Option<AttachedNet>,
     forwards: Vec<std::net::SocketAddr>,
     image: ImageSize,
     scratch: Option<tempfile::TempDir>,
@@ -291,20 +291,20 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
         timeout: config.lifetime,
         start: Some(started),
         seccomp: config.seccomp,
+        net: Some(config.net_config()),
     };
-    let (machine, net) = snapshot::restore_with_net(dir, opts, Some(&config.net_config()))?;
+    let machine = snapshot::restore(dir, opts)?;
     // The vCPUs already run: a milestone recorded before this is read from
     // the timeline by wait_ready, which checks before it waits.
     observe_milestones(&machine.timeline(), &signal);
-    if config.ready == ReadyWhen::GuestPing && net.as_ref().and_then(|n| n.user.as_ref()).is_none()
-    {
+    if config.ready == ReadyWhen::GuestPing && machine.user_net().is_none() {
         machine.stop();
         return Err(Error::Config(format!(
             "ready when the guest answers ping, but the snapshot in {} has no network device",
             dir.display()
         )));
     }
-    let forwards = match set_up_forwards(net.as_ref(), &config) {
+    let forwards = match set_up_forwards(machine.net(), &config) {
         Ok(f) => f,
         Err(e) => {
             machine.stop();
@@ -320,7 +320,6 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
         console,
         signal,
         machine,
-        net,
         forwards,
         image: ImageSize::default(),
         scratch: None,
@@ -406,7 +405,6 @@ impl Vm {
             rss_baseline_bytes: p.rss_baseline_bytes,
             restored: p.restored,
             control: Mutex::new(()),
-            net: p.net,
             forwards: p.forwards,
             outcome,
             waiter: Some(waiter),
@@ -435,7 +433,7 @@ impl Vm {
         // A VM the caller paused stays paused; one paused here resumes.
         let machine = self.machine();
         let was_paused = machine.is_paused();
-        let r = snapshot::snapshot_with_net(machine, dir, self.net.as_ref());
+        let r = machine.snapshot(dir);
         if !was_paused {
             machine.resume();
         }
@@ -547,7 +545,7 @@ impl Vm {
 
     /// The host side of the user-mode network, if the VM has one.
     fn user_net(&self) -> Option<&UserNetHandle> {
-        self.net.as_ref().and_then(|n| n.user.as_ref())
+        self.machine.as_ref().and_then(|m| m.user_net())
     }
 
     /// Opens a TCP connection to `guest_port` in the guest through the user
@@ -591,7 +589,8 @@ impl Vm {
     }
 
     fn no_user_net(&self) -> Error {
-        Error::NoUserNet(if self.net.is_some() { "tap" } else { "none" }.into())
+        let has_net = self.machine.as_ref().is_some_and(|m| m.net().is_some());
+        Error::NoUserNet(if has_net { "tap" } else { "none" }.into())
     }
 
     /// This VM's figures, now.
@@ -740,12 +739,9 @@ impl Drop for Vm {
             let _ = w.join();
         }
         // The device thread stops, and the backend (a TAP fd, the user
-        // network) closes now, even if the machine that also holds the
-        // device goes to the reaper below.
-        if let Some(net) = self.net.take() {
-            let mut t = net.transport.lock().unwrap_or_else(|p| p.into_inner());
-            t.shutdown();
-            t.device_mut().release_backend();
+        // network) closes now, even if the machine goes to the reaper below.
+        if let Some(m) = &self.machine {
+            m.release_devices();
         }
         // The waiter joined the vCPU threads and dropped its reference: what
         // is left is closing the KVM VM (the host kernel destroys it) and

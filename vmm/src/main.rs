@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use osso_vmm::net::{MacAddr, NetBackendConfig, NetConfig, PortForward};
-use osso_vmm::virtio::attach::attach_net;
 use osso_vmm::{MachineBuilder, VmConfig};
 
 /// Boot a Linux kernel in an Osso microVM.
@@ -104,16 +103,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Kept until the VM ends: dropping it stops the device and the user network.
-    let _net = match attach_net(&mut builder, &args.net_config()) {
-        Ok(net) => {
+    // The machine owns the device: it stops with the VM.
+    match builder.attach_net(&args.net_config()) {
+        Ok(()) => {
             for f in &args.forwards {
                 eprintln!(
                     "osso-vmm: forwarding 127.0.0.1:{} to guest port {}",
                     f.host_port, f.guest_port
                 );
             }
-            net
         }
         Err(e) => {
             eprintln!("osso-vmm: {e}");

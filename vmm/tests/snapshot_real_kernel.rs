@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use osso_vmm::net::NetConfig;
 use osso_vmm::snapshot::{self, RestoreOptions};
-use osso_vmm::virtio::attach::attach_net;
 use osso_vmm::{MachineBuilder, VmConfig};
 
 use osso_vmm::net::user::PARKED_KERNEL_CMDLINE as PARKED;
@@ -64,18 +63,16 @@ fn parked_kernel_snapshot_restored_twice_answers_pings() {
     cfg.console = Box::new(std::fs::File::create(&log).unwrap());
     let t0 = Instant::now();
     let mut builder = MachineBuilder::new(cfg).unwrap();
-    let net = attach_net(&mut builder, &NetConfig::default())
-        .unwrap()
-        .expect("a user network");
+    builder.attach_net(&NetConfig::default()).unwrap();
     let m = builder.start().unwrap();
-    let user = net.user.as_ref().expect("user network handle");
+    let user = m.user_net().expect("user network handle");
     let boot = first_ping(user, Duration::from_secs(400)).expect("the parked kernel answers ping");
     let cold = t0.elapsed();
     println!("cold boot to first ping reply: {:.1} s", cold.as_secs_f64());
 
     let dir = tempfile::tempdir().unwrap();
     let t = Instant::now();
-    snapshot::snapshot_with_net(&m, dir.path(), Some(&net)).expect("snapshot");
+    m.snapshot(dir.path()).expect("snapshot");
     println!(
         "snapshot: {:.1} ms (first ping after {:.1} s)",
         t.elapsed().as_secs_f64() * 1e3,
@@ -105,22 +102,22 @@ fn parked_kernel_snapshot_restored_twice_answers_pings() {
     );
     m.stop();
     let _ = m.wait();
-    drop(net);
+    drop(m);
 
     let mut clones = Vec::new();
     for i in 0..2 {
         let t = Instant::now();
-        let (mach, attached) = snapshot::restore_with_net(
+        let mach = snapshot::restore(
             dir.path(),
             RestoreOptions {
                 seccomp,
+                net: Some(NetConfig::default()),
                 ..Default::default()
             },
-            Some(&NetConfig::default()),
         )
         .expect("restore");
         let restored = t.elapsed();
-        let attached = attached.expect("net re-created");
+        let attached = mach.net().expect("net re-created");
         let u = attached.user.as_ref().expect("user network");
         let ping = first_ping(u, Duration::from_secs(30));
         println!(
@@ -141,7 +138,7 @@ fn parked_kernel_snapshot_restored_twice_answers_pings() {
                 mach.exit_reason()
             );
             let d = tempfile::tempdir().unwrap();
-            if snapshot::snapshot_with_net(&mach, d.path(), Some(&attached)).is_ok() {
+            if mach.snapshot(d.path()).is_ok() {
                 let (_, b) = snapshot::read_snapshot(d.path()).unwrap();
                 let r = &b.vcpus[0].regs.0;
                 println!(
@@ -158,18 +155,18 @@ fn parked_kernel_snapshot_restored_twice_answers_pings() {
             "clone {i} does not answer ping; exit {:?}",
             mach.exit_reason()
         );
-        clones.push((mach, attached));
+        clones.push(mach);
     }
     // Both at once.
     for round in 0..3u16 {
-        for (i, (_, a)) in clones.iter().enumerate() {
-            let u = a.user.as_ref().unwrap();
+        for (i, mach) in clones.iter().enumerate() {
+            let u = mach.user_net().unwrap();
             let rtt = u.ping_guest(100 + round, Duration::from_secs(2));
             println!("clone {i} ping {round}: {rtt:?}");
             assert!(rtt.is_ok(), "clone {i} stopped answering");
         }
     }
-    for (mach, _) in clones {
+    for mach in clones {
         mach.stop();
         let _ = mach.wait();
     }

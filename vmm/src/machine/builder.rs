@@ -43,6 +43,7 @@ pub struct MachineBuilder {
     serial: Arc<Serial>,
     shared: Arc<RunControl>,
     timeline: Arc<Timeline>,
+    pub(super) net: Option<super::AttachedNet>,
 }
 
 impl MachineBuilder {
@@ -149,6 +150,7 @@ impl MachineBuilder {
             serial,
             shared,
             timeline,
+            net: None,
         })
     }
 
@@ -431,6 +433,7 @@ impl MachineBuilder {
             vcpu_count: usize::from(self.config.vcpus),
             deadline,
             protocol,
+            net: self.net,
             _kvm: self.kvm,
         })
     }

@@ -24,10 +24,12 @@
 
 mod builder;
 mod config;
+mod net;
 
 use builder::join_all;
 pub use builder::MachineBuilder;
 pub use config::{MmioSlot, VmConfig, VmmError, MAX_VCPUS};
+pub use net::{AttachError, AttachedNet};
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -84,10 +86,32 @@ pub struct Machine {
     vcpu_count: usize,
     deadline: Option<Instant>,
     protocol: &'static str,
+    /// The network device, if one was attached: the machine owns it.
+    net: Option<AttachedNet>,
     _kvm: Kvm,
 }
 
 impl Machine {
+    /// The network device, if the machine has one.
+    pub fn net(&self) -> Option<&AttachedNet> {
+        self.net.as_ref()
+    }
+
+    /// The host side of the user-mode network, if the machine has one.
+    pub fn user_net(&self) -> Option<&crate::net::UserNetHandle> {
+        self.net.as_ref().and_then(|n| n.user.as_ref())
+    }
+
+    /// Stops the devices' threads and closes their backends now (a TAP fd,
+    /// the user network), without waiting for the machine to be dropped;
+    /// dropping it does the same. For an owner that hands the rest of the
+    /// teardown (closing the VM, unmapping RAM) to another thread.
+    pub fn release_devices(&self) {
+        if let Some(n) = &self.net {
+            n.release();
+        }
+    }
+
     /// A handle that stops the VM from any thread.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
@@ -318,6 +342,7 @@ impl Drop for Machine {
             self.shared.request_exit(ExitReason::Stopped);
             join_all(&self.shared, handles);
         }
+        self.release_devices();
     }
 }
 

@@ -25,10 +25,10 @@
 //! Pieces a host's KVM cannot read (PVM lacks some) are left out and named in
 //! the state's `unsupported` lists; restore skips them.
 //!
-//! virtio-net: [`snapshot_with_net`] saves the virtio-mmio transport
-//! (registers, features, queue addresses and positions) and the MAC;
-//! [`restore_with_net`] attaches a new device on a fresh backend and loads
-//! that state. A machine with other MMIO devices is refused at snapshot time
+//! virtio-net: [`Machine::snapshot`] saves the machine's device's
+//! virtio-mmio transport (registers, features, queue addresses and
+//! positions) and the MAC; [`restore`] attaches a new device on a fresh
+//! backend ([`RestoreOptions::net`]) and loads that state. A machine with other MMIO devices is refused at snapshot time
 //! with [`SnapshotError::Unsupported`], rather than restored half-working.
 
 pub mod format;
@@ -50,7 +50,6 @@ use crate::kvm::{kvm_err, KvmError};
 use crate::machine::{Machine, MachineBuilder, VmConfig, VmmError};
 pub use crate::metrics::RestoreMetrics;
 use crate::net::NetConfig;
-use crate::virtio::attach::{attach_net, AttachedNet};
 pub use format::{
     DeviceStates, Header, HostFacts, MsrValue, SerialState, SnapshotBody, VcpuState,
     VirtioMmioState, VirtioNetState, VirtqueueState, VmState,
@@ -235,6 +234,10 @@ pub struct RestoreOptions {
     /// Confine the VM's threads with seccomp (default on, as
     /// [`VmConfig::seccomp`]).
     pub seccomp: bool,
+    /// The network backend for a snapshot with a virtio-net device (the MAC
+    /// comes from the snapshot): each restore opens a fresh one. Such a
+    /// snapshot restored without one is refused.
+    pub net: Option<NetConfig>,
 }
 
 impl Default for RestoreOptions {
@@ -245,6 +248,7 @@ impl Default for RestoreOptions {
             timeout: None,
             start: None,
             seccomp: true,
+            net: None,
         }
     }
 }
@@ -261,21 +265,10 @@ fn us_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Restores the snapshot in `dir` into a new, running machine. A snapshot
-/// with a virtio-net device is refused: use [`restore_with_net`].
-pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<Machine, SnapshotError> {
-    restore_with_net(dir, opts, None).map(|(m, _)| m)
-}
-
 /// Restores the snapshot in `dir` into a new, running machine, re-creating
 /// its virtio-net device (if it had one) on a fresh backend opened from
-/// `net` (the MAC comes from the snapshot). Keep the returned [`AttachedNet`]
-/// as long as the VM lives.
-pub fn restore_with_net(
-    dir: &Path,
-    opts: RestoreOptions,
-    net: Option<&NetConfig>,
-) -> Result<(Machine, Option<AttachedNet>), SnapshotError> {
+/// `opts.net`; the machine owns it ([`Machine::net`]).
+pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<Machine, SnapshotError> {
     let start = opts.start.unwrap_or_else(Instant::now);
     let t0 = Instant::now();
     let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
@@ -308,6 +301,7 @@ pub fn restore_with_net(
     config.timeout = opts.timeout;
     config.start = Some(start);
     config.seccomp = opts.seccomp;
+    let net = opts.net;
     let mut builder = MachineBuilder::with_memory(config, Some(mem))?;
     let create_vm_us = us_since(t);
 
@@ -323,15 +317,15 @@ pub fn restore_with_net(
             path: dir.join(format::STATE_FILE),
             reason: format!("serial state: {e}"),
         })?;
-    let attached = match (&body.devices.net, net) {
-        (None, _) => None,
+    match (&body.devices.net, &net) {
+        (None, _) => {}
         (Some(_), None) => {
             return Err(SnapshotError::Unsupported(
-                "the snapshot has a virtio-net device: restore it with restore_with_net and a network configuration".into(),
+                "the snapshot has a virtio-net device: restore it with a network configuration (RestoreOptions::net)".into(),
             ))
         }
-        (Some(ns), Some(cfg)) => Some(restore_net(&mut builder, ns, cfg)?),
-    };
+        (Some(ns), Some(cfg)) => restore_net(&mut builder, ns, cfg)?,
+    }
     let devices_us = us_since(t);
 
     let t = Instant::now();
@@ -359,25 +353,24 @@ pub fn restore_with_net(
     };
     metrics.total_us = us_since(t0);
     tracing::info!(?metrics, dir = %dir.display(), "VM restored");
-    let machine = builder.start_restored(fds, metrics)?;
-    Ok((machine, attached))
+    Ok(builder.start_restored(fds, metrics)?)
 }
 
 fn restore_net(
     builder: &mut MachineBuilder,
     ns: &VirtioNetState,
     cfg: &NetConfig,
-) -> Result<AttachedNet, SnapshotError> {
+) -> Result<(), SnapshotError> {
     let mut cfg = cfg.clone();
     cfg.mac = crate::net::MacAddr(ns.mac);
-    let attached = attach_net(builder, &cfg)
-        .map_err(|e| SnapshotError::Unsupported(format!("re-creating virtio-net: {e}")))?
-        .ok_or_else(|| {
-            SnapshotError::Unsupported(
-                "the snapshot has a virtio-net device but the network configuration is `none`"
-                    .into(),
-            )
-        })?;
+    builder
+        .attach_net(&cfg)
+        .map_err(|e| SnapshotError::Unsupported(format!("re-creating virtio-net: {e}")))?;
+    let attached = builder.net().ok_or_else(|| {
+        SnapshotError::Unsupported(
+            "the snapshot has a virtio-net device but the network configuration is `none`".into(),
+        )
+    })?;
     if attached.slot.addr != ns.mmio_base || attached.slot.irq != ns.irq {
         return Err(SnapshotError::Unsupported(format!(
             "virtio-net landed at {:#x} (IRQ {}), the snapshot had it at {:#x} (IRQ {})",
@@ -398,25 +391,21 @@ fn restore_net(
     if let Some(user) = &attached.user {
         user.learn_guest_mac(ns.mac);
     }
-    Ok(attached)
+    Ok(())
 }
 
 impl Machine {
     /// Pauses the VM, writes a snapshot of it into `dir` (created if
     /// missing), and leaves it paused: call [`Machine::resume`] to go on.
-    /// A VM with a virtio device is refused: use [`snapshot_with_net`].
+    /// Its virtio-net device (if any) is saved too; a VM with other MMIO
+    /// devices is refused.
     pub fn snapshot(&self, dir: &Path) -> Result<(), SnapshotError> {
-        snapshot_with_net(self, dir, None)
+        snapshot(self, dir)
     }
 }
 
-/// [`Machine::snapshot`] for a VM with a virtio-net device (`net`, as
-/// [`crate::virtio::attach::attach_net`] returned it).
-pub fn snapshot_with_net(
-    machine: &Machine,
-    dir: &Path,
-    net: Option<&AttachedNet>,
-) -> Result<(), SnapshotError> {
+fn snapshot(machine: &Machine, dir: &Path) -> Result<(), SnapshotError> {
+    let net = machine.net();
     std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
         path: dir.to_path_buf(),
         source,

@@ -48,7 +48,6 @@
 //!   takes the lock for each MMIO access; the device thread never takes it
 //!   (it owns clones of the queues, the EventFds and an `Arc<Interrupt>`).
 
-pub mod attach;
 pub mod chain;
 pub mod mmio;
 pub mod net;
