@@ -166,6 +166,21 @@ fn uart_output_reaches_the_host_in_protected_mode() {
 }
 
 #[test]
+fn a_machine_built_for_a_restore_does_not_boot() {
+    if !osso_testkit::require_kvm("a_machine_built_for_a_restore_does_not_boot") {
+        return;
+    }
+    let mut config = VmConfig::new(osso_vmm::BootSource::Restored);
+    config.mem_mib = 16;
+    let builder = MachineBuilder::new(config).expect("a VM and its RAM");
+    match builder.start() {
+        Err(osso_vmm::VmmError::NothingToBoot) => {}
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a machine with nothing to boot started"),
+    }
+}
+
+#[test]
 fn uart_output_in_real_mode() {
     if !osso_testkit::require_kvm("uart_output_in_real_mode") {
         return;

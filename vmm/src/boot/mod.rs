@@ -83,6 +83,10 @@ pub enum BootSource {
         /// CPU mode at the entry.
         mode: CpuMode,
     },
+    /// Nothing to load: guest RAM and the vCPUs' state come from a snapshot
+    /// (`snapshot::restore`; the machine starts with
+    /// `MachineBuilder::start_restored`).
+    Restored,
 }
 
 /// Register state the boot vCPU starts with.

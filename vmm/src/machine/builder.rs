@@ -334,6 +334,7 @@ impl MachineBuilder {
                     boot::load_raw_code(&self.mem, self.mem_size, code, *load_addr, *entry, *mode)?;
                 (e, e.protocol.name())
             }
+            BootSource::Restored => return Err(VmmError::NothingToBoot),
         };
         boot::mptable::write(&self.mem, self.config.vcpus).map_err(boot::BootError::from)?;
         tracing::debug!(us = self.timeline.now_us(), "setup: guest loaded");

@@ -121,6 +121,10 @@ pub enum VmmError {
     /// A device range conflict.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// `start` on a machine built for a restore ([`BootSource::Restored`]):
+    /// it starts with `start_restored`, from a snapshot's vCPU state.
+    #[error("a machine built for a restore has nothing to boot: start it with start_restored")]
+    NothingToBoot,
     /// No MMIO slot or IRQ left.
     #[error("no virtio-mmio slot or IRQ left for another device")]
     NoMmioSlot,

@@ -293,7 +293,7 @@ pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<Machine, SnapshotErro
     let map_memory_us = us_since(t);
 
     let t = Instant::now();
-    let mut config = VmConfig::raw_code(Vec::new(), 0, 0, crate::CpuMode::Long64);
+    let mut config = VmConfig::new(crate::BootSource::Restored);
     config.mem_mib = body.mem_mib;
     config.vcpus = vcpus;
     config.console = opts.console;
