@@ -1,9 +1,13 @@
-//! The SDK's error type: one enum, each variant saying what the caller can do.
+//! The SDK's error type: one enum, each variant saying what the caller can
+//! do. `#[non_exhaustive]`: variants may be added. A variant that wraps
+//! another error keeps it as its `source()`, so the chain of causes is
+//! there for a caller to walk.
 
 use std::time::Duration;
 
 /// Errors from spawning, running or driving a VM.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration cannot work (bad memory size, vCPU count, ports...).
     #[error("bad configuration: {0}")]
@@ -97,4 +101,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn causes_are_kept_as_sources() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no /dev/urandom");
+        let e = Error::Job(crate::job::JobError::Random(io()));
+        let job = e.source().expect("the job error");
+        let cause = job.source().expect("the I/O error under it");
+        assert_eq!(cause.to_string(), "no /dev/urandom");
+        let e = Error::Io {
+            what: "forward 127.0.0.1:8080".into(),
+            source: io(),
+        };
+        assert!(e.source().is_some());
+        assert!(Error::NoImage { cache: "/x".into() }.source().is_none());
+    }
 }

@@ -30,16 +30,18 @@ pub const JOB_CONSOLE_LIMIT: usize = 16 << 20;
 
 /// Errors from preparing a job or reading its result.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JobError {
     #[error("building the job archive: {0}")]
-    Archive(String),
+    Archive(#[source] osso_guest::Error),
     #[error("reading the guest's initramfs {path}: {source}")]
     Initramfs {
         path: std::path::PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("no random source for the job nonce: {0}")]
-    Random(std::io::Error),
+    Random(#[source] std::io::Error),
     #[error("the guest printed no result for this job (no `OSSO-JOB <nonce> EXIT` line)")]
     NoResult,
     #[error("the job's result is malformed: {0}")]
@@ -104,7 +106,7 @@ pub fn prepare_from_file(path: &std::path::Path, script: &str) -> Result<Prepare
 
 /// The gzip cpio holding `/osso/job` and `/osso/nonce`.
 fn job_archive(script: &str, nonce: &str) -> Result<Vec<u8>, JobError> {
-    let err = |e: osso_guest::Error| JobError::Archive(e.to_string());
+    let err = JobError::Archive;
     let mut a = Archive::new(0);
     a.dir("osso", 0o755).map_err(|e| err(e.into()))?;
     a.file("osso/job", 0o755, script.as_bytes().to_vec())
