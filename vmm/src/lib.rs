@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod net;
 pub mod seccomp;
 pub mod snapshot;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod virtio;
 
