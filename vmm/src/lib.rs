@@ -38,4 +38,4 @@ pub use machine::{
     run, AttachError, AttachedNet, ExitReason, Machine, MachineBuilder, MmioSlot, RunOutcome,
     StopHandle, VmConfig, VmmError,
 };
-pub use metrics::Metrics;
+pub use metrics::RunMetrics;

@@ -124,9 +124,11 @@ impl Timeline {
     }
 }
 
-/// What one run measured. Serialised by `osso-vmm --metrics-json`.
+/// What one run measured, as the VMM sees it (the SDK turns it into its own
+/// `osso_sdk::Metrics`, the one a user reads). Serialised by `osso-vmm
+/// --metrics-json`.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Metrics {
+pub struct RunMetrics {
     /// Always 0: the reference point of the other timestamps.
     pub start_us: u64,
     /// Start to the first `KVM_RUN` (VMM setup time).

@@ -3,7 +3,7 @@
 //! devices, IRQs, eventfds and command-line fragments before boot, with one
 //! entry point for boot and one for restore), and the running VM here
 //! ([`Machine`]: stop from any thread, pause and resume, wait for the
-//! [`ExitReason`] and the [`Metrics`]). The vCPU threads' loop and their
+//! [`ExitReason`] and the [`RunMetrics`]). The vCPU threads' loop and their
 //! shared run state are `crate::kvm::vcpu::run`.
 //!
 //! ```no_run
@@ -43,7 +43,7 @@ use crate::bus::Bus;
 use crate::devices::serial::Serial;
 pub use crate::kvm::vcpu::run::ExitReason;
 use crate::kvm::vcpu::run::RunControl;
-use crate::metrics::{memory_figures, Metrics, Timeline};
+use crate::metrics::{memory_figures, RunMetrics, Timeline};
 
 /// A cloneable handle that stops the VM from any thread.
 #[derive(Clone)]
@@ -69,7 +69,7 @@ pub struct RunOutcome {
     /// Why.
     pub exit: ExitReason,
     /// What was measured.
-    pub metrics: Metrics,
+    pub metrics: RunMetrics,
 }
 
 /// A running VM.
@@ -310,7 +310,7 @@ impl Machine {
         let exit = self.shared.reason().unwrap_or(ExitReason::Stopped);
         let mem = memory_figures(&self.mem);
         let t = &self.timeline;
-        let metrics = Metrics {
+        let metrics = RunMetrics {
             start_us: 0,
             first_kvm_run_us: t.first_kvm_run_us(),
             init_started_us: t.init_started_us(),

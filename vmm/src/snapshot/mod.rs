@@ -20,7 +20,7 @@
 //! copied, clones share every page they have not written), the VM, irqchip
 //! and PIT are created and loaded, vCPUs are created with the saved state,
 //! the UART is re-created with its state, and the vCPUs run. The phases are
-//! timed in [`RestoreMetrics`] (also in the run's [`crate::Metrics`]).
+//! timed in [`RestoreMetrics`] (also in the run's [`crate::RunMetrics`]).
 //!
 //! Pieces a host's KVM cannot read (PVM lacks some) are left out and named in
 //! the state's `unsupported` lists; restore skips them.
