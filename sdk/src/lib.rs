@@ -50,6 +50,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod host;
+mod image;
 mod image_dir;
 pub mod job;
 pub mod metrics;
@@ -64,12 +65,13 @@ pub use config::{Config, ConfigBuilder, Image, KernelFormat, Network, ReadyWhen}
 pub use console::Console;
 pub use error::Error;
 pub use host::HostKvm;
+pub use image::{build_image, prepare_image};
 pub use job::JobOutput;
 pub use metrics::{Metrics, RestoreFigures};
 pub use osso_vmm::net::user::PARKED_KERNEL_CMDLINE;
 pub use pool::Pool;
 pub use reaper::wait_for_background_teardown;
-pub use vm::{build_image, prepare_image, restore, spawn, Exit, Vm};
+pub use vm::{restore, spawn, Exit, Vm};
 
 /// The environment variable naming a prebuilt Osso image directory to boot
 /// when the config does not name one ([`ConfigBuilder::image_dir`] wins over
@@ -131,7 +133,7 @@ pub fn run(job: Job) -> Result<JobResult, Error> {
     config.console_limit = config.console_limit.max(job::JOB_CONSOLE_LIMIT);
     let console_limit = config.console_limit;
     config.validate()?;
-    let mut files = vm::resolve_image(&config)?;
+    let mut files = image::resolve_image(&config)?;
     let base = files
         .initrd
         .clone()
