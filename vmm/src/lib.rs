@@ -26,6 +26,7 @@ pub mod layout;
 pub mod machine;
 pub mod metrics;
 pub mod net;
+pub mod persist;
 pub mod seccomp;
 pub mod snapshot;
 #[cfg(any(test, feature = "test-utils"))]

@@ -9,12 +9,14 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::NoEvents;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::devices::EventFdTrigger;
 use crate::metrics::Timeline;
+use crate::persist::Persist;
 
 /// The console line that marks the kernel handing over to user space.
 pub const INIT_LINE: &str = "Run /init as init process";
@@ -117,16 +119,78 @@ impl Serial {
     }
 }
 
-impl Serial {
-    /// The UART's registers and receive FIFO (for a snapshot).
-    pub fn save_state(&self) -> vm_superio::serial::SerialState {
-        self.uart().state()
+/// The 16550 UART's registers and receive FIFO (vm-superio's `SerialState`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// DLL.
+    pub baud_divisor_low: u8,
+    /// DLM.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Receive FIFO (at most 64 bytes).
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialState> for vm_superio::serial::SerialState {
+    fn from(s: &SerialState) -> Self {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl Persist for Serial {
+    type State = SerialState;
+    type Error = io::Error;
+
+    /// The UART's registers and receive FIFO.
+    fn save_state(&self) -> SerialState {
+        self.uart().state().into()
     }
 
     /// Replaces the UART's registers and receive FIFO with `state` (a
     /// restore), keeping its interrupt line and console output. A state with
     /// more input than the FIFO holds is refused and nothing changes.
-    pub fn restore_state(&self, state: &vm_superio::serial::SerialState) -> io::Result<()> {
+    fn restore_state(&self, state: &SerialState) -> io::Result<()> {
         if state.in_buffer.len() > UART_FIFO_SIZE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -147,7 +211,7 @@ impl Serial {
             ),
         );
         let out = std::mem::replace(&mut *uart, placeholder).into_writer();
-        *uart = vm_superio::Serial::from_state(state, EventFdTrigger(irq), NoEvents, out)
+        *uart = vm_superio::Serial::from_state(&state.into(), EventFdTrigger(irq), NoEvents, out)
             .map_err(|e| io::Error::other(format!("{e:?}")))?;
         Ok(())
     }

@@ -259,7 +259,8 @@ impl Machine {
         self.protocol
     }
 
-    pub(crate) fn serial_state(&self) -> vm_superio::serial::SerialState {
+    pub(crate) fn serial_state(&self) -> crate::devices::serial::SerialState {
+        use crate::persist::Persist;
         self.serial.save_state()
     }
 

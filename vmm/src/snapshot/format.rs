@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::SnapshotError;
+pub use crate::devices::serial::SerialState;
 pub use crate::kvm::vcpu::state::{MsrValue, VcpuState};
 pub use crate::kvm::vm_state::VmState;
 pub use crate::virtio::state::{VirtioMmioState, VirtioNetState, VirtqueueState};
@@ -152,65 +153,6 @@ struct HeaderIdent {
     format_version: u32,
     #[serde(default)]
     vmm_version: String,
-}
-
-/// The 16550 UART's registers and receive FIFO (vm-superio's `SerialState`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialState {
-    /// DLL.
-    pub baud_divisor_low: u8,
-    /// DLM.
-    pub baud_divisor_high: u8,
-    /// IER.
-    pub interrupt_enable: u8,
-    /// IIR.
-    pub interrupt_identification: u8,
-    /// LCR.
-    pub line_control: u8,
-    /// LSR.
-    pub line_status: u8,
-    /// MCR.
-    pub modem_control: u8,
-    /// MSR.
-    pub modem_status: u8,
-    /// SCR.
-    pub scratch: u8,
-    /// Receive FIFO (at most 64 bytes).
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<vm_superio::serial::SerialState> for SerialState {
-    fn from(s: vm_superio::serial::SerialState) -> Self {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialState> for vm_superio::serial::SerialState {
-    fn from(s: &SerialState) -> Self {
-        vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
 }
 
 /// The VMM's devices. The i8042 (reset only) and the boot timer (a

@@ -50,6 +50,7 @@ use crate::kvm::{kvm_err, KvmError};
 use crate::machine::{Machine, MachineBuilder, VmConfig, VmmError};
 pub use crate::metrics::RestoreMetrics;
 use crate::net::NetConfig;
+use crate::persist::Persist;
 pub use format::{
     DeviceStates, Header, HostFacts, MsrValue, SerialState, SnapshotBody, VcpuState,
     VirtioMmioState, VirtioNetState, VirtqueueState, VmState,
@@ -312,7 +313,7 @@ pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<Machine, SnapshotErro
     let t = Instant::now();
     builder
         .serial()
-        .restore_state(&(&body.devices.serial).into())
+        .restore_state(&body.devices.serial)
         .map_err(|e| SnapshotError::Corrupt {
             path: dir.join(format::STATE_FILE),
             reason: format!("serial state: {e}"),
@@ -379,8 +380,6 @@ fn restore_net(
     }
     attached
         .transport
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
         .restore_state(&ns.transport)
         .map_err(|e| SnapshotError::Corrupt {
             path: PathBuf::from(format::STATE_FILE),
@@ -467,7 +466,7 @@ fn snapshot(machine: &Machine, dir: &Path) -> Result<(), SnapshotError> {
         vcpus,
         vm,
         devices: DeviceStates {
-            serial: machine.serial_state().into(),
+            serial: machine.serial_state(),
             mmio_ranges: ranges,
             net: net_state,
         },

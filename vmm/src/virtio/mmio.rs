@@ -617,6 +617,24 @@ impl<D: VirtioDevice> Drop for MmioTransport<D> {
     }
 }
 
+/// The transport as a machine holds it (behind its lock, shared with the
+/// bus and the device thread's owner) saves and restores through
+/// [`crate::persist::Persist`].
+impl<D: VirtioDevice> crate::persist::Persist for std::sync::Mutex<MmioTransport<D>> {
+    type State = crate::virtio::state::VirtioMmioState;
+    type Error = String;
+
+    fn save_state(&self) -> Self::State {
+        self.lock().unwrap_or_else(|p| p.into_inner()).save_state()
+    }
+
+    fn restore_state(&self, state: &Self::State) -> Result<(), String> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_state(state)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
