@@ -328,34 +328,7 @@ mod tests {
     }
 
     /// A minimal ELF64 with one PT_NOTE segment holding `notes`.
-    fn elf_with_notes(notes: &[u8]) -> Vec<u8> {
-        let mut e = vec![0u8; 0x40 + 0x38];
-        e[0..4].copy_from_slice(b"\x7fELF");
-        e[4] = 2;
-        e[5] = 1;
-        e[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
-        e[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes());
-        e[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-        let ph = 0x40;
-        e[ph..ph + 4].copy_from_slice(&4u32.to_le_bytes());
-        let off = e.len() as u64;
-        e[ph + 8..ph + 16].copy_from_slice(&off.to_le_bytes());
-        e[ph + 0x20..ph + 0x28].copy_from_slice(&(notes.len() as u64).to_le_bytes());
-        e.extend_from_slice(notes);
-        e
-    }
-
-    fn note(name: &[u8], ntype: u32, desc: &[u8]) -> Vec<u8> {
-        let mut n = Vec::new();
-        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
-        n.extend_from_slice(&ntype.to_le_bytes());
-        n.extend_from_slice(name);
-        n.resize(n.len().div_ceil(4) * 4, 0);
-        n.extend_from_slice(desc);
-        n.resize(n.len().div_ceil(4) * 4, 0);
-        n
-    }
+    use osso_testkit::elf::{note, notes_only as elf_with_notes};
 
     #[test]
     fn pvh_note_is_found_after_other_notes() {

@@ -17,6 +17,7 @@
 
 use std::path::Path;
 
+pub mod elf;
 pub mod frames;
 pub mod stats;
 

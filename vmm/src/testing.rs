@@ -60,48 +60,15 @@ fn code(msg: &str, then: Then) -> Vec<u8> {
 }
 
 /// An ELF64 image: one PT_LOAD with the code at LOAD, one PT_NOTE holding the
-/// Xen PVH entry note (type 18, XEN_ELFNOTE_PHYS32_ENTRY).
+/// Xen PVH entry note (type 18, XEN_ELFNOTE_PHYS32_ENTRY) for LOAD.
 pub fn tiny_elf(msg: &str, then: Then) -> Vec<u8> {
     let code = code(msg, then);
-    let mut note = Vec::new();
-    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
-    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
-    note.extend_from_slice(&18u32.to_le_bytes()); // type
-    note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&LOAD.to_le_bytes());
-    let (ehsize, phsize) = (64usize, 56usize);
-    let note_off = ehsize + 2 * phsize;
-    let code_off = (note_off + note.len()).next_multiple_of(16);
-    let mut e = vec![0u8; code_off];
-    e[0..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // 64-bit
-    e[5] = 1; // little-endian
-    e[6] = 1; // version
-    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&u64::from(LOAD).to_le_bytes()); // e_entry
-    e[32..40].copy_from_slice(&(ehsize as u64).to_le_bytes()); // e_phoff
-    e[52..54].copy_from_slice(&(ehsize as u16).to_le_bytes());
-    e[54..56].copy_from_slice(&(phsize as u16).to_le_bytes());
-    e[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
-    let ph =
-        |e: &mut Vec<u8>, i: usize, ptype: u32, flags: u32, off: usize, addr: u64, size: usize| {
-            let p = ehsize + i * phsize;
-            e[p..p + 4].copy_from_slice(&ptype.to_le_bytes());
-            e[p + 4..p + 8].copy_from_slice(&flags.to_le_bytes());
-            e[p + 8..p + 16].copy_from_slice(&(off as u64).to_le_bytes());
-            e[p + 16..p + 24].copy_from_slice(&addr.to_le_bytes()); // vaddr
-            e[p + 24..p + 32].copy_from_slice(&addr.to_le_bytes()); // paddr
-            e[p + 32..p + 40].copy_from_slice(&(size as u64).to_le_bytes()); // filesz
-            e[p + 40..p + 48].copy_from_slice(&(size as u64).to_le_bytes()); // memsz
-            e[p + 48..p + 56].copy_from_slice(&16u64.to_le_bytes()); // align
-        };
-    ph(&mut e, 0, 1, 5, code_off, u64::from(LOAD), code.len()); // PT_LOAD, R+X
-    ph(&mut e, 1, 4, 4, note_off, 0, note.len()); // PT_NOTE
-    e[note_off..note_off + note.len()].copy_from_slice(&note);
-    e.extend_from_slice(&code);
-    e
+    osso_testkit::elf::exec(
+        u64::from(LOAD),
+        &code,
+        code.len() as u64,
+        &osso_testkit::elf::pvh_note(LOAD),
+    )
 }
 
 /// A network backend for tests: records every frame the device sends and

@@ -652,28 +652,7 @@ mod tests {
 
     /// A minimal x86-64 ELF with one PT_LOAD of `code` at `paddr`.
     fn tiny_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
-        let mut e = vec![0u8; 64 + 56];
-        e[0..4].copy_from_slice(b"\x7fELF");
-        e[4] = 2; // 64-bit
-        e[5] = 1; // little-endian
-        e[6] = 1; // version
-        e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-        e[20..24].copy_from_slice(&1u32.to_le_bytes());
-        e[24..32].copy_from_slice(&paddr.to_le_bytes()); // entry
-        e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-        e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-        e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-        e[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-        let p = 64;
-        e[p..p + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        e[p + 8..p + 16].copy_from_slice(&120u64.to_le_bytes()); // offset
-        e[p + 16..p + 24].copy_from_slice(&paddr.to_le_bytes());
-        e[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
-        e[p + 32..p + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        e[p + 40..p + 48].copy_from_slice(&memsz.to_le_bytes());
-        e.extend_from_slice(code);
-        e
+        osso_testkit::elf::exec(paddr, code, memsz, &[])
     }
 
     #[test]
