@@ -133,6 +133,9 @@ impl PreparedJob {
     }
 }
 
+/// The guest's base64 line length (`base64 -w 76` in its `/init`).
+const B64_LINE: usize = 76;
+
 /// Reads the result framed by `nonce` out of console text.
 pub fn parse_output(console: &str, nonce: &str) -> Result<JobOutput, JobError> {
     let marker = format!("OSSO-JOB {nonce} ");
@@ -145,9 +148,14 @@ pub fn parse_output(console: &str, nonce: &str) -> Result<JobOutput, JobError> {
     let mut section = Section::None;
     let (mut out, mut err) = (String::new(), String::new());
     let mut seen_stdout = false;
+    // The length of the section's last base64 line: every line but the last
+    // is full, so a short one followed by more means console text broke into
+    // the output and part of it was lost.
+    let mut last_len: Option<usize> = None;
     for raw in console.lines() {
         let line = raw.trim_end_matches('\r');
         if let Some(rest) = line.strip_prefix(&marker) {
+            last_len = None;
             match rest.trim() {
                 "STDOUT" => {
                     section = Section::Stdout;
@@ -184,10 +192,20 @@ pub fn parse_output(console: &str, nonce: &str) -> Result<JobOutput, JobError> {
             && line
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+        if section == Section::None || !is_b64 {
+            continue;
+        }
+        if let Some(n) = last_len.filter(|n| *n != B64_LINE) {
+            return Err(JobError::Malformed(format!(
+                "the job's output was cut on the console: a line of {n} base64 characters \
+                 (not {B64_LINE}) came before more output, so other console text broke into \
+                 it and part of the output is lost"
+            )));
+        }
+        last_len = Some(line.len());
         match section {
-            Section::Stdout if is_b64 => out.push_str(line),
-            Section::Stderr if is_b64 => err.push_str(line),
-            _ => {}
+            Section::Stdout => out.push_str(line),
+            _ => err.push_str(line),
         }
     }
     Err(JobError::NoResult)
@@ -213,6 +231,49 @@ mod tests {
         assert_eq!(out.stdout, b"hello\nworld\n");
         assert_eq!(out.stderr, b"oops\n");
         assert_eq!(out.status, 3);
+    }
+
+    /// `base64 -w 76`, as the guest prints it.
+    fn wrapped(s: &[u8]) -> String {
+        let b = b64(s);
+        b.as_bytes()
+            .chunks(B64_LINE)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_kernel_message_between_lines_costs_nothing_inside_one_is_an_error() {
+        let n = "00ff";
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let lines: Vec<String> = wrapped(&data).lines().map(String::from).collect();
+        assert!(lines.len() > 3);
+        // Between two lines: skipped, nothing lost.
+        let mut between = lines.clone();
+        between.insert(
+            2,
+            "[   38.3] rcu: INFO: rcu_sched self-detected stall".into(),
+        );
+        let console = format!(
+            "OSSO-JOB {n} STDOUT\n{}\nOSSO-JOB {n} STDERR\nOSSO-JOB {n} EXIT 0\n",
+            between.join("\n")
+        );
+        assert_eq!(parse_output(&console, n).unwrap().stdout, data);
+        // Inside a line: its first part is lost with the message, and the
+        // short rest gives it away, even where the rest would still decode.
+        let mut inside = lines.clone();
+        let (a, b) = inside[1].split_at(36);
+        let (a, b) = (a.to_string(), b.to_string());
+        inside[1] = format!("{a}[   38.3] rcu: INFO: stall");
+        inside.insert(2, b);
+        let console = format!(
+            "OSSO-JOB {n} STDOUT\n{}\nOSSO-JOB {n} STDERR\nOSSO-JOB {n} EXIT 0\n",
+            inside.join("\n")
+        );
+        let e = parse_output(&console, n).unwrap_err();
+        assert!(matches!(e, JobError::Malformed(_)), "{e}");
+        assert!(e.to_string().contains("cut on the console"), "{e}");
     }
 
     #[test]
