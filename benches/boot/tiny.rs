@@ -76,7 +76,7 @@ pub(crate) fn tiny_capacity(report: &mut Report, dir: &Path) {
         "tiny guest: spawn to ready (boot timer)",
         "ms",
         &ready,
-        &format!("{sdk}; wall clock around spawn(), which returns once the boot-timer write was seen (1 ms polling)"),
+        &format!("{sdk}; wall clock around spawn(), which returns once the boot-timer write was seen (an event from the VMM's timeline, no polling)"),
     );
     report.add(
         "osso",
