@@ -45,18 +45,18 @@ pub enum Error {
     },
     /// The VMM refused the machine (KVM missing, bad kernel, layout...).
     #[error("VMM: {0}")]
-    Vmm(#[from] osso_vmm::VmmError),
+    Vmm(#[source] VmmFailure),
     /// A snapshot could not be taken or restored (missing, corrupt,
     /// truncated, from another format version or host, or the VM could not
     /// be paused).
     #[error("snapshot: {0}")]
-    Snapshot(#[from] osso_vmm::snapshot::SnapshotError),
+    Snapshot(#[source] VmmFailure),
     /// A warm pool cannot restore clones (the last restore's error).
     #[error("warm pool: {0}")]
     Pool(String),
     /// The network device could not be set up.
     #[error("network: {0}")]
-    Net(#[from] osso_vmm::AttachError),
+    Net(#[source] VmmFailure),
     /// The guest did not become ready in time; it has been stopped.
     #[error(
         "the guest was not ready within {timeout:?} ({ready}); last console lines:\n{console_tail}"
@@ -103,6 +103,41 @@ pub enum Error {
     },
 }
 
+/// What went wrong inside the VMM, as the VMM said it: its text, and its
+/// own causes through `source()`. Opaque, so that the SDK's API does not
+/// depend on the VMM crate's types.
+#[derive(Debug)]
+pub struct VmmFailure(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl std::fmt::Display for VmmFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for VmmFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl Error {
+    /// The VMM refused or failed (conversions stay inside the crate).
+    pub(crate) fn vmm(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Vmm(VmmFailure(Box::new(e)))
+    }
+
+    /// A snapshot could not be taken or restored.
+    pub(crate) fn snapshot(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Snapshot(VmmFailure(Box::new(e)))
+    }
+
+    /// The network device could not be set up.
+    pub(crate) fn net(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Net(VmmFailure(Box::new(e)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +156,14 @@ mod tests {
         };
         assert!(e.source().is_some());
         assert!(Error::NoImage { cache: "/x".into() }.source().is_none());
+        // A VMM failure keeps the VMM's text and its own causes.
+        let e = Error::vmm(osso_vmm::snapshot::SnapshotError::Io {
+            path: "/snap/state.osso".into(),
+            source: io(),
+        });
+        assert!(e.to_string().starts_with("VMM: "), "{e}");
+        let failure = e.source().expect("the VMM's error");
+        assert!(failure.to_string().contains("/snap/state.osso"), "{failure}");
+        assert_eq!(failure.source().map(|c| c.to_string()).as_deref(), Some("no /dev/urandom"));
     }
 }

@@ -67,11 +67,11 @@ pub use error::Error;
 pub use host::HostKvm;
 pub use image::{build_image, prepare_image};
 pub use job::JobOutput;
-pub use metrics::{Metrics, RestoreFigures};
+pub use metrics::{Metrics, RestoreFigures, RestorePhases};
 pub use osso_vmm::net::user::PARKED_KERNEL_CMDLINE;
 pub use pool::Pool;
 pub use reaper::wait_for_background_teardown;
-pub use vm::{restore, spawn, Exit, Vm};
+pub use vm::{restore, spawn, Exit, ExitReason, Vm};
 
 /// The environment variable naming a prebuilt Osso image directory to boot
 /// when the config does not name one ([`ConfigBuilder::image_dir`] wins over

@@ -58,6 +58,40 @@ pub struct ImageSize {
     pub initramfs_uncompressed_bytes: Option<u64>,
 }
 
+/// The phases of a restore, each measured with the monotonic clock around
+/// its own step, in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct RestorePhases {
+    /// Open /dev/kvm, read and check the state file, check the memory file.
+    pub read_state_us: u64,
+    /// Map the memory file copy-on-write.
+    pub map_memory_us: u64,
+    /// Create the VM (memory slot, irqchip, PIT) and the legacy devices.
+    pub create_vm_us: u64,
+    /// Load the irqchip, PIT and clock state.
+    pub irqchip_us: u64,
+    /// Load the device state (UART, virtio-net).
+    pub devices_us: u64,
+    /// Create the vCPUs and load their state.
+    pub vcpus_us: u64,
+    /// The call to restore up to starting the vCPU threads.
+    pub total_us: u64,
+}
+
+impl From<osso_vmm::metrics::RestoreMetrics> for RestorePhases {
+    fn from(m: osso_vmm::metrics::RestoreMetrics) -> Self {
+        RestorePhases {
+            read_state_us: m.read_state_us,
+            map_memory_us: m.map_memory_us,
+            create_vm_us: m.create_vm_us,
+            irqchip_us: m.irqchip_us,
+            devices_us: m.devices_us,
+            vcpus_us: m.vcpus_us,
+            total_us: m.total_us,
+        }
+    }
+}
+
 /// How a VM was restored from a snapshot. `phases` are durations, each
 /// timed around its own step with the monotonic clock (the VMM's part of
 /// the restore, up to the vCPUs being ready to start); `first_run_us` and
@@ -68,7 +102,7 @@ pub struct RestoreFigures {
     pub snapshot: std::path::PathBuf,
     /// Read and check the state, map memory, create the VM, load irqchip,
     /// devices and vCPUs (`total_us`: the whole restore call).
-    pub phases: osso_vmm::metrics::RestoreMetrics,
+    pub phases: RestorePhases,
     /// restore() to the first KVM_RUN.
     pub first_run_us: Option<u64>,
     /// restore() to ready (for a network VM: the first ping reply).

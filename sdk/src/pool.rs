@@ -142,7 +142,7 @@ impl Pool {
         config: Config,
         size: usize,
     ) -> Result<Pool, Error> {
-        osso_vmm::snapshot::read_snapshot(dir.as_ref())?;
+        osso_vmm::snapshot::read_snapshot(dir.as_ref()).map_err(Error::snapshot)?;
         Pool::start(dir.as_ref().to_path_buf(), config, size)
     }
 

@@ -14,7 +14,7 @@ use osso_vmm::metrics::{
 use osso_vmm::net::UserNetHandle;
 use osso_vmm::snapshot::{self, RestoreOptions};
 use osso_vmm::AttachedNet;
-use osso_vmm::{BootSource, ExitReason, Machine, MachineBuilder, RunOutcome, StopHandle, VmConfig};
+use osso_vmm::{BootSource, Machine, MachineBuilder, RunOutcome, StopHandle, VmConfig};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Config, ReadyWhen};
@@ -24,6 +24,85 @@ use crate::image::{resolve_image, BootFiles};
 use crate::metrics::{ImageSize, Metrics, SpawnClock};
 use crate::signal::Signal;
 use crate::HostKvm;
+
+/// Why a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// The guest reset itself (i8042 reset, triple fault, KVM reset event).
+    Reset,
+    /// The guest shut down.
+    Shutdown,
+    /// The guest kernel panicked (a KVM crash event, or a reset or shutdown
+    /// after a `Kernel panic - not syncing` console line).
+    Panic,
+    /// The VM's lifetime ([`crate::ConfigBuilder::lifetime`]) passed.
+    Timeout,
+    /// The host stopped it.
+    Stopped,
+    /// KVM reported an internal error or a failed VM entry on `vcpu`.
+    InternalError {
+        /// KVM's suberror (1 = emulation failure), or the entry failure reason.
+        suberror: u64,
+        /// The vCPU.
+        vcpu: u8,
+        /// The registers and extra data at the failure, as text.
+        registers: String,
+    },
+    /// A vCPU ioctl failed or KVM exited in a way the VMM does not handle.
+    VcpuError(String),
+}
+
+impl ExitReason {
+    /// Whether the guest ended by itself (reset or shutdown).
+    pub fn guest_ended_by_itself(&self) -> bool {
+        matches!(self, ExitReason::Reset | ExitReason::Shutdown)
+    }
+}
+
+impl From<&osso_vmm::ExitReason> for ExitReason {
+    fn from(r: &osso_vmm::ExitReason) -> Self {
+        use osso_vmm::ExitReason as V;
+        match r {
+            V::Reset => ExitReason::Reset,
+            V::Shutdown => ExitReason::Shutdown,
+            V::Panic => ExitReason::Panic,
+            V::Timeout => ExitReason::Timeout,
+            V::Stopped => ExitReason::Stopped,
+            V::InternalError {
+                suberror,
+                vcpu,
+                registers,
+            } => ExitReason::InternalError {
+                suberror: *suberror,
+                vcpu: *vcpu,
+                registers: registers.clone(),
+            },
+            V::VcpuError(e) => ExitReason::VcpuError(e.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Reset => write!(f, "reset"),
+            ExitReason::Shutdown => write!(f, "shutdown"),
+            ExitReason::Panic => write!(f, "guest kernel panic"),
+            ExitReason::Timeout => write!(f, "timeout"),
+            ExitReason::Stopped => write!(f, "stopped by the host"),
+            ExitReason::InternalError {
+                suberror,
+                vcpu,
+                registers,
+            } => write!(
+                f,
+                "KVM internal error (suberror {suberror}) on vCPU {vcpu}: {registers}"
+            ),
+            ExitReason::VcpuError(e) => write!(f, "vCPU error: {e}"),
+        }
+    }
+}
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +186,7 @@ impl std::fmt::Debug for Vm {
 #[derive(Debug, Clone)]
 struct RestoredFrom {
     snapshot: PathBuf,
-    phases: osso_vmm::metrics::RestoreMetrics,
+    phases: crate::metrics::RestorePhases,
 }
 
 /// Boots a VM as `config` says and returns once it is ready (as
@@ -150,11 +229,13 @@ pub(crate) fn spawn_files(
     vmc.console = Box::new(console.writer());
     vmc.start = Some(clock.vmm_start);
     vmc.seccomp = config.seccomp;
-    let mut builder = MachineBuilder::new(vmc)?;
+    let mut builder = MachineBuilder::new(vmc).map_err(Error::vmm)?;
     observe_milestones(&builder.timeline(), &signal);
-    builder.attach_net(&config.net_config())?;
+    builder
+        .attach_net(&config.net_config())
+        .map_err(Error::net)?;
     let forwards = set_up_forwards(builder.net(), &config)?;
-    let machine = builder.start()?;
+    let machine = builder.start().map_err(Error::vmm)?;
     Vm::assemble(VmParts {
         console,
         signal,
@@ -218,7 +299,7 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
         seccomp: config.seccomp,
         net: Some(config.net_config()),
     };
-    let machine = snapshot::restore(dir, opts)?;
+    let machine = snapshot::restore(dir, opts).map_err(Error::snapshot)?;
     // The vCPUs already run: a milestone recorded before this is read from
     // the timeline by wait_ready, which checks before it waits.
     observe_milestones(&machine.timeline(), &signal);
@@ -236,7 +317,7 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
             return Err(e);
         }
     };
-    let phases = machine.restore_metrics().unwrap_or_default();
+    let phases = machine.restore_metrics().unwrap_or_default().into();
     let ready = match &config.ready {
         ReadyWhen::BootTimer => ReadyWhen::Started,
         r => r.clone(),
@@ -362,7 +443,7 @@ impl Vm {
         if !was_paused {
             machine.resume();
         }
-        r.map_err(Error::from)
+        r.map_err(Error::snapshot)
     }
 
     /// Pauses every vCPU (devices keep running; a paused guest posts no new
@@ -371,7 +452,7 @@ impl Vm {
         let _one = self.lock_control();
         self.machine()
             .pause(Duration::from_secs(5))
-            .map_err(|e| Error::Snapshot(snapshot::SnapshotError::Pause(e)))
+            .map_err(|e| Error::snapshot(snapshot::SnapshotError::Pause(e)))
     }
 
     /// Ends a [`Vm::pause`].
@@ -454,7 +535,7 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         r.as_ref().map(|o| Exit {
-            reason: o.exit.clone(),
+            reason: ExitReason::from(&o.exit),
         })
     }
 
@@ -604,7 +685,7 @@ impl Vm {
         loop {
             if let Some(o) = r.as_ref() {
                 return Some(Exit {
-                    reason: o.exit.clone(),
+                    reason: ExitReason::from(&o.exit),
                 });
             }
             r = match deadline {

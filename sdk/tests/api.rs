@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{tiny_kernel, Then};
+use osso_sdk::ExitReason;
 use osso_sdk::{Config, Error, ReadyWhen};
-use osso_vmm::ExitReason;
 
 fn tiny(dir: &std::path::Path, name: &str, msg: &str, then: Then) -> osso_sdk::ConfigBuilder {
     Config::builder()

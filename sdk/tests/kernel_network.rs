@@ -87,7 +87,7 @@ fn parked_kernel_answers_ping_and_tcp_through_the_user_network() {
         "the guest kernel must answer the SYN with a reset: {err}"
     );
     let exit = vm.kill();
-    assert_eq!(exit.reason, osso_vmm::ExitReason::Stopped);
+    assert_eq!(exit.reason, osso_sdk::ExitReason::Stopped);
 }
 
 /// A network namespace made by this test, removed when dropped.

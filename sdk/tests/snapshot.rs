@@ -9,9 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::{fd_count, thread_count, tiny_kernel, Then};
+use osso_sdk::ExitReason;
 use osso_sdk::{Config, Error, Pool, ReadyWhen};
 use osso_vmm::snapshot::format::{MEMORY_FILE, STATE_FILE};
-use osso_vmm::ExitReason;
 
 /// The tests here run one at a time: the pool test counts this process's
 /// threads and fds, which VMs of a test running beside it would change.

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
+use osso_sdk::ExitReason;
 use osso_sdk::{Config, ConfigBuilder, Error, HostKvm, Image, Job, Pool, ReadyWhen, Vm};
-use osso_vmm::ExitReason;
 
 /// A cold boot to ready, a restore to ready, a ping's answer: each within
 /// this (nested KVM boots in about 5 s; hardware in well under one).
