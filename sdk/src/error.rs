@@ -163,7 +163,13 @@ mod tests {
         });
         assert!(e.to_string().starts_with("VMM: "), "{e}");
         let failure = e.source().expect("the VMM's error");
-        assert!(failure.to_string().contains("/snap/state.osso"), "{failure}");
-        assert_eq!(failure.source().map(|c| c.to_string()).as_deref(), Some("no /dev/urandom"));
+        assert!(
+            failure.to_string().contains("/snap/state.osso"),
+            "{failure}"
+        );
+        assert_eq!(
+            failure.source().map(|c| c.to_string()).as_deref(),
+            Some("no /dev/urandom")
+        );
     }
 }
