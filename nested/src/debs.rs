@@ -26,8 +26,6 @@ const BUSYBOX: &str = "busybox-static";
 pub struct Kernel {
     pub abi: String,
     pub vmlinuz: PathBuf,
-    /// The kernel's symbols (names the code a hung level 1 was in).
-    pub system_map: Option<PathBuf>,
     /// In load order: irqbypass, kvm, kvm-amd, tun.
     pub modules: Vec<PathBuf>,
     /// The `.deb` and its sha256.
@@ -71,11 +69,9 @@ pub fn kernel(cache: &Path) -> Result<Kernel> {
             });
         }
     }
-    let system_map = Some(root.join(format!("boot/System.map-{abi}"))).filter(|p| p.is_file());
     Ok(Kernel {
         abi,
         vmlinuz,
-        system_map,
         modules,
         package,
         sha256,
@@ -178,65 +174,4 @@ pub fn need_tool(tool: &str, fix: &str) -> Result<PathBuf> {
         tool: tool.into(),
         fix: fix.into(),
     })
-}
-
-/// The text symbol `addr` falls in, as `name+0xoffset`, from a System.map
-/// (lines `ffffffff81000000 T _stext`). None outside the kernel's text.
-pub fn symbolize(system_map: &str, addr: u64) -> Option<String> {
-    let mut best: Option<(u64, &str)> = None;
-    for line in system_map.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(a), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if !matches!(kind, "t" | "T") {
-            continue;
-        }
-        let Ok(a) = u64::from_str_radix(a, 16) else {
-            continue;
-        };
-        if a <= addr && best.is_none_or(|(b, _)| a > b) {
-            best = Some((a, name));
-        }
-    }
-    let (a, name) = best?;
-    // Past the end of the text a "nearest symbol" would be a guess.
-    let etext = system_map.lines().find_map(|l| {
-        let (a, rest) = l.split_once(' ')?;
-        (rest.ends_with(" _etext")).then(|| u64::from_str_radix(a, 16).ok())?
-    });
-    if etext.is_some_and(|e| addr >= e) {
-        return None;
-    }
-    Some(format!("{name}+{:#x}", addr - a))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MAP: &str = "ffffffff81000000 T _stext\n\
-                       ffffffff81001000 t do_one\n\
-                       ffffffff81001800 D some_data\n\
-                       ffffffff81002000 T do_two\n\
-                       ffffffff81003000 T _etext\n";
-
-    #[test]
-    fn an_address_is_named_by_the_text_symbol_below_it() {
-        assert_eq!(
-            symbolize(MAP, 0xffff_ffff_8100_1010).as_deref(),
-            Some("do_one+0x10")
-        );
-        // Data symbols do not count.
-        assert_eq!(
-            symbolize(MAP, 0xffff_ffff_8100_1900).as_deref(),
-            Some("do_one+0x900")
-        );
-        assert_eq!(
-            symbolize(MAP, 0xffff_ffff_8100_2000).as_deref(),
-            Some("do_two+0x0")
-        );
-        assert_eq!(symbolize(MAP, 0xffff_ffff_8100_3004), None);
-        assert_eq!(symbolize(MAP, 0x1000), None);
-    }
 }

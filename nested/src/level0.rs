@@ -74,7 +74,8 @@ impl Level0 {
     /// re-arms. Level 1 was found stopped for good (halted, or inside a
     /// level-2 guest that never exits) as if that one interrupt had been
     /// lost; a periodic timer raises it again at the next tick. `nokaslr`:
-    /// a hung CPU's RIP can be looked up in the kernel's symbols.
+    /// a hung CPU's RIP can be looked up by hand in the kernel's symbols
+    /// (Debian ships the real System.map in the kernel's -dbg package).
     fn append() -> &'static str {
         "console=ttyS0 loglevel=4 panic=-1 mitigations=off nokaslr nohz=off highres=off rdinit=/init"
     }

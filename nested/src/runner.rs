@@ -304,10 +304,7 @@ pub fn run_nested(
                     .as_ref()
                     .map(|w| format!(" during {w}"))
                     .unwrap_or_default(),
-                run.registers
-                    .as_deref()
-                    .map(|r| hung_cpu(r, kernel.system_map.as_deref()))
-                    .unwrap_or_default()
+                run.registers.as_deref().map(hung_cpu).unwrap_or_default()
             ));
         }
         if run.timed_out {
@@ -350,23 +347,19 @@ pub fn run_nested(
     Ok(entries)
 }
 
-/// Where a hung level 1's CPU was: RIP (with its level-1 kernel symbol when
-/// the System.map names one; in level 2 the same address means another
-/// kernel), halted or not, and CR3.
-fn hung_cpu(registers: &str, system_map: Option<&Path>) -> String {
+/// Where a hung level 1's CPU was: RIP, halted or not, and CR3 (whether the
+/// CPU was in level 1 or in a level-2 guest shows in CR3 and the segment
+/// bases kept in the console file; Debian's package has no real System.map
+/// to name the code with).
+fn hung_cpu(registers: &str) -> String {
     use crate::level0::register;
     let Some(rip) = register(registers, "RIP") else {
         return ", registers unreadable".into();
     };
-    let symbol = system_map
-        .and_then(|m| std::fs::read_to_string(m).ok())
-        .and_then(|m| debs::symbolize(&m, rip))
-        .map(|s| format!(" = level-1 {s}?"))
-        .unwrap_or_default();
     let halted = register(registers, "HLT").map(|h| if h == 1 { ", halted" } else { ", running" });
     let cr3 = register(registers, "CR3").map(|c| format!(", CR3 {c:#x}"));
     format!(
-        "; CPU at RIP {rip:#x}{symbol}{}{}",
+        "; CPU at RIP {rip:#x}{}{}",
         halted.unwrap_or_default(),
         cr3.unwrap_or_default()
     )
