@@ -143,7 +143,7 @@ pub struct Metrics {
     pub exit: Option<String>,
     /// The host's KVM (hardware or PVM).
     pub host_kvm: crate::HostKvm,
-    /// Boot protocol used (pvh or linux).
+    /// How the guest was started: `pvh`, `linux64` (bzImage) or `restored`.
     pub boot_protocol: String,
 }
 

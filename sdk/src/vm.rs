@@ -4,8 +4,7 @@
 //! holds (vCPU and device threads, file descriptors, guest memory).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use osso_vmm::metrics::{
@@ -14,7 +13,7 @@ use osso_vmm::metrics::{
 use osso_vmm::net::UserNetHandle;
 use osso_vmm::snapshot::{self, RestoreOptions};
 use osso_vmm::AttachedNet;
-use osso_vmm::{BootSource, Machine, MachineBuilder, RunOutcome, StopHandle, VmConfig};
+use osso_vmm::{BootSource, Machine, MachineBuilder, StopHandle, VmConfig};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Config, ReadyWhen};
@@ -129,13 +128,6 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// Where the waiter thread leaves the outcome.
-#[derive(Default)]
-struct Outcome {
-    result: Mutex<Option<RunOutcome>>,
-    done: Condvar,
-}
-
 /// A running (or ended) microVM.
 pub struct Vm {
     /// Told of console lines, boot milestones and the end (readiness waits).
@@ -143,8 +135,8 @@ pub struct Vm {
     console: Console,
     stop: StopHandle,
     timeline: Arc<Timeline>,
-    /// Shared with the waiter thread (which blocks in `Machine::wait`), so
-    /// that the VM can be paused and snapshotted while it runs.
+    /// The VMM's machine: it tells of the end ([`Machine::on_exit`]) and is
+    /// waited on directly, so a VM has no thread of its own that waits.
     /// `None` only while being dropped.
     machine: Option<Arc<Machine>>,
     /// Leave closing the VM to the reaper thread on drop.
@@ -162,8 +154,6 @@ pub struct Vm {
     control: Mutex<()>,
     mem: Option<GuestMemoryMmap>,
     forwards: Vec<std::net::SocketAddr>,
-    outcome: Arc<Outcome>,
-    waiter: Option<JoinHandle<()>>,
     image: ImageSize,
     host_kvm: HostKvm,
     // Files this VM owns (a job's initramfs), removed when it is dropped.
@@ -372,32 +362,19 @@ fn set_up_forwards(
 }
 
 impl Vm {
-    /// Starts the waiter thread and waits until the VM is ready.
+    /// Hooks the end of the VM to the console and the readiness signal, and
+    /// waits until the VM is ready.
     fn assemble(p: VmParts) -> Result<Vm, Error> {
-        let machine = Arc::new(p.machine);
-        let outcome = Arc::new(Outcome::default());
-        let waiter = {
-            let outcome = outcome.clone();
+        let machine = p.machine;
+        {
             let console = p.console.clone();
             let signal = p.signal.clone();
-            let waited = machine.clone();
-            std::thread::Builder::new()
-                .name("osso-vm-wait".into())
-                .spawn(move || {
-                    let result = waited.wait();
-                    console.close();
-                    *outcome.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-                    outcome.done.notify_all();
-                    signal.notify();
-                })
-                .map_err(|source| {
-                    machine.stop();
-                    Error::Io {
-                        what: "spawn the VM's waiter thread".into(),
-                        source,
-                    }
-                })?
-        };
+            machine.on_exit(Box::new(move |_| {
+                console.close();
+                signal.notify();
+            }));
+        }
+        let machine = Arc::new(machine);
         let vm = Vm {
             console: p.console,
             signal: p.signal,
@@ -412,8 +389,6 @@ impl Vm {
             restored: p.restored,
             control: Mutex::new(()),
             forwards: p.forwards,
-            outcome,
-            waiter: Some(waiter),
             image: p.image,
             host_kvm: HostKvm::detect(),
             _scratch: p.scratch,
@@ -529,13 +504,8 @@ impl Vm {
 
     /// The exit, if the VM has ended.
     fn exit_now(&self) -> Option<Exit> {
-        let r = self
-            .outcome
-            .result
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        r.as_ref().map(|o| Exit {
-            reason: ExitReason::from(&o.exit),
+        self.machine().exit_reason().map(|r| Exit {
+            reason: ExitReason::from(&r),
         })
     }
 
@@ -623,11 +593,7 @@ impl Vm {
         let process_rss_bytes = m.process_rss_bytes;
         let vmm_rss_bytes =
             vmm_rss_since(self.rss_baseline_bytes, process_rss_bytes, guest_rss_bytes);
-        let r = self
-            .outcome
-            .result
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let machine = self.machine();
         Metrics {
             boot: Metrics::phases(
                 self.image_prepare_us,
@@ -653,12 +619,9 @@ impl Vm {
             guest_resident_bytes: m.guest_resident_bytes,
             guest_mem_bytes: m.guest_mem_bytes,
             image: self.image.clone(),
-            exit: r.as_ref().map(|o| o.exit.to_string()),
+            exit: machine.exit_reason().map(|r| r.to_string()),
             host_kvm: self.host_kvm,
-            boot_protocol: r
-                .as_ref()
-                .map(|o| o.metrics.boot_protocol.clone())
-                .unwrap_or_default(),
+            boot_protocol: machine.boot_protocol().to_string(),
         }
     }
 
@@ -676,32 +639,22 @@ impl Vm {
 
     /// `None` waits for ever.
     fn wait_until(&self, timeout: Option<Duration>) -> Option<Exit> {
+        // Long rounds rather than a wait without end: the same call serves.
+        const ROUND: Duration = Duration::from_secs(3600);
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut r = self
-            .outcome
-            .result
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(o) = r.as_ref() {
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => ROUND,
+            };
+            if let Some(r) = self.machine().wait_for_exit(left) {
                 return Some(Exit {
-                    reason: ExitReason::from(&o.exit),
+                    reason: ExitReason::from(&r),
                 });
             }
-            r = match deadline {
-                None => self.outcome.done.wait(r).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return None;
-                    }
-                    self.outcome
-                        .done
-                        .wait_timeout(r, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
         }
     }
 
@@ -741,17 +694,16 @@ const _: () = {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop.stop();
-        if let Some(w) = self.waiter.take() {
-            let _ = w.join();
-        }
-        // The device thread stops, and the backend (a TAP fd, the user
-        // network) closes now, even if the machine goes to the reaper below.
         if let Some(m) = &self.machine {
+            // The vCPU threads are kicked out of KVM_RUN: join them.
+            m.wait();
+            // The device thread stops, and the backend (a TAP fd, the user
+            // network) closes now, even if the machine goes to the reaper
+            // below.
             m.release_devices();
         }
-        // The waiter joined the vCPU threads and dropped its reference: what
-        // is left is closing the KVM VM (the host kernel destroys it) and
-        // unmapping guest RAM, in that order.
+        // What is left is closing the KVM VM (the host kernel destroys it)
+        // and unmapping guest RAM, in that order.
         let rest = (self.machine.take(), self.mem.take());
         if self.background_teardown {
             crate::reaper::defer(Box::new(rest));

@@ -68,7 +68,7 @@ fn a_snapshot_restores_into_clones_that_run_and_report_restore_metrics() {
         let ready = r.ready_us.expect("ready was recorded");
         assert!(first <= ready, "{r:?}");
         assert_eq!(m.ready_us, Some(ready));
-        assert_eq!(m.boot_protocol, "", "no exit yet");
+        assert_eq!(m.boot_protocol, "restored", "known while it runs");
         assert_eq!(m.guest_mem_bytes, 16 << 20, "RAM size from the snapshot");
         assert!(m.to_string().contains("restored in "), "{}", m.to_string());
         assert!(

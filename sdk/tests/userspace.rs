@@ -352,8 +352,9 @@ cat /tmp/a
     assert_eq!(r.metrics.exit.as_deref(), Some("reset"));
 }
 
-/// This process's threads that belong to a VM (vCPUs, the SDK's waiter,
-/// the virtio-net device, the user network), by name.
+/// This process's threads that belong to a VM (vCPUs, the virtio-net
+/// device, the user network), by name. (A VM has no thread that only waits
+/// for it; the process-wide `osso-deadlines` thread is not any VM's.)
 fn vm_threads() -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return Vec::new();
@@ -362,10 +363,7 @@ fn vm_threads() -> Vec<String> {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .map(|c| c.trim_end().to_string())
         .filter(|c| {
-            c.starts_with("osso-vcpu")
-                || c.starts_with("osso-virtio")
-                || c == "osso-vm-wait"
-                || c == "osso-usernet"
+            c.starts_with("osso-vcpu") || c.starts_with("osso-virtio") || c == "osso-usernet"
         })
         .collect()
 }

@@ -36,7 +36,7 @@ pub mod virtio;
 pub use boot::{BootSource, CpuMode};
 pub use bus::{Bus, BusDevice};
 pub use machine::{
-    run, AttachError, AttachedNet, ExitReason, Machine, MachineBuilder, MmioSlot, RunOutcome,
-    StopHandle, VmConfig, VmmError,
+    run, AttachError, AttachedNet, ExitObserver, ExitReason, Machine, MachineBuilder, MmioSlot,
+    RunOutcome, StopHandle, VmConfig, VmmError,
 };
 pub use metrics::RunMetrics;

@@ -102,6 +102,7 @@ impl MachineBuilder {
             pause: AtomicBool::new(false),
             parked: Mutex::new(ParkState::default()),
             park_cv: Condvar::new(),
+            exit_observers: Mutex::new(Vec::new()),
         });
 
         let pio = Bus::new();
@@ -421,7 +422,16 @@ impl MachineBuilder {
             spawn_console_input(input, self.serial.clone(), self.shared.clone());
         }
 
-        let deadline = self.config.timeout.map(|t| self.timeline.start() + t);
+        if let Some(t) = self.config.timeout {
+            if let Err(source) = super::deadline::arm(self.timeline.start() + t, &self.shared) {
+                self.shared.request_exit(ExitReason::Stopped);
+                join_all(&self.shared, handles);
+                return Err(VmmError::Os {
+                    what: "start the VM deadline thread",
+                    source,
+                });
+            }
+        }
         Ok(Machine {
             vm: self.vm,
             mem: self.mem,
@@ -432,7 +442,6 @@ impl MachineBuilder {
             timeline: self.timeline,
             handles: Mutex::new(handles),
             vcpu_count: usize::from(self.config.vcpus),
-            deadline,
             protocol,
             net: self.net,
             _kvm: self.kvm,

@@ -24,6 +24,7 @@
 
 mod builder;
 mod config;
+mod deadline;
 mod net;
 
 use builder::join_all;
@@ -41,8 +42,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
 use crate::devices::serial::Serial;
-pub use crate::kvm::vcpu::run::ExitReason;
 use crate::kvm::vcpu::run::RunControl;
+pub use crate::kvm::vcpu::run::{ExitObserver, ExitReason};
 use crate::metrics::{memory_figures, RunMetrics, Timeline};
 
 /// A cloneable handle that stops the VM from any thread.
@@ -84,7 +85,6 @@ pub struct Machine {
     /// The vCPU threads, until [`Machine::wait`] joins them.
     handles: Mutex<Vec<JoinHandle<()>>>,
     vcpu_count: usize,
-    deadline: Option<Instant>,
     protocol: &'static str,
     /// The network device, if one was attached: the machine owns it.
     net: Option<AttachedNet>,
@@ -144,8 +144,16 @@ impl Machine {
         self.shared.reason()
     }
 
-    /// Waits up to `timeout` for the VM to end, without consuming the handle
-    /// (the configured VM timeout is enforced by [`Machine::wait`] only).
+    /// Calls `observer` once when the VM ends, with why; at once if it has
+    /// already ended. It runs on the thread that ended the VM, so it must be
+    /// short and must not wait for the VM: a way to be told of the end
+    /// without a thread that waits for it.
+    pub fn on_exit(&self, observer: ExitObserver) {
+        self.shared.on_exit(observer);
+    }
+
+    /// Waits up to `timeout` for the VM to end, without joining its vCPU
+    /// threads ([`Machine::wait`] does).
     pub fn wait_for_exit(&self, timeout: Duration) -> Option<ExitReason> {
         let deadline = Instant::now() + timeout;
         let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
@@ -255,7 +263,9 @@ impl Machine {
         self.mmio.ranges().iter().map(|r| (r.base, r.len)).collect()
     }
 
-    pub(crate) fn boot_protocol(&self) -> &'static str {
+    /// How the guest was started: the boot protocol (`pvh`, `linux64`, ...)
+    /// or `restored`.
+    pub fn boot_protocol(&self) -> &'static str {
         self.protocol
     }
 
@@ -271,36 +281,17 @@ impl Machine {
 
     /// Waits for the VM to end (by itself, a stop, or the timeout), joins the
     /// vCPU threads and returns the reason and the metrics. Takes `&self` so
-    /// that a waiter thread and a caller taking snapshots can share the
-    /// machine (`Arc<Machine>`); a second call returns at once.
+    /// that the machine can be shared (`Arc<Machine>`) with a caller taking
+    /// snapshots; a second call returns at once.
     pub fn wait(&self) -> RunOutcome {
         {
             let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
             while exit.is_none() {
-                match self.deadline {
-                    Some(d) => {
-                        let now = Instant::now();
-                        if now >= d {
-                            drop(exit);
-                            self.shared.request_exit(ExitReason::Timeout);
-                            exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
-                            continue;
-                        }
-                        exit = self
-                            .shared
-                            .exited
-                            .wait_timeout(exit, d - now)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
-                    None => {
-                        exit = self
-                            .shared
-                            .exited
-                            .wait(exit)
-                            .unwrap_or_else(|p| p.into_inner());
-                    }
-                }
+                exit = self
+                    .shared
+                    .exited
+                    .wait(exit)
+                    .unwrap_or_else(|p| p.into_inner());
             }
         }
         // Make sure every vCPU is on its way out, then join them.

@@ -98,7 +98,15 @@ pub(crate) struct RunControl {
     pub(crate) parked: Mutex<ParkState>,
     /// Signalled when a vCPU parks, and when the pause ends.
     pub(crate) park_cv: Condvar,
+    /// Told once of the exit, on the thread that caused it (see
+    /// [`RunControl::on_exit`]); emptied when they are called.
+    pub(crate) exit_observers: Mutex<Vec<ExitObserver>>,
 }
+
+/// Called once when the VM ends, with why. It runs on the thread that ended
+/// the VM (a vCPU's, a device's, the deadline thread, or a caller's that
+/// stopped it), so it must be short and must not wait for the VM.
+pub type ExitObserver = Box<dyn FnOnce(&ExitReason) + Send>;
 
 /// vCPUs parked by a pause, and what they saved.
 #[derive(Default)]
@@ -165,6 +173,39 @@ impl RunControl {
             let _ = self.exit_evt.write(1);
         }
         self.exited.notify_all();
+        if first {
+            let observers = std::mem::take(
+                &mut *self
+                    .exit_observers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if let Some(reason) = self.reason() {
+                for o in observers {
+                    o(&reason);
+                }
+            }
+        }
+    }
+
+    /// Calls `observer` once when the VM ends; at once (on this thread) if
+    /// it already has.
+    pub(crate) fn on_exit(&self, observer: ExitObserver) {
+        // Registered under the exit lock, so an exit cannot slip between
+        // the check and the registration: request_exit records the reason
+        // under that lock before it takes the observers.
+        let exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        match exit.clone() {
+            Some(reason) => {
+                drop(exit);
+                observer(&reason);
+            }
+            None => self
+                .exit_observers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(observer),
+        }
     }
 
     pub(crate) fn kick_all(&self) {
@@ -420,4 +461,62 @@ fn dump_registers(vcpu: &VcpuFd) -> String {
         Err(e) => s.push_str(&format!(" sregs unavailable: {e}")),
     }
     s
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    pub(crate) fn control() -> Arc<RunControl> {
+        Arc::new(RunControl {
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+            stop: AtomicBool::new(false),
+            end_us: OnceLock::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            timeline: Arc::new(Timeline::new(Instant::now())),
+            pause: AtomicBool::new(false),
+            parked: Mutex::new(ParkState::default()),
+            park_cv: Condvar::new(),
+            exit_observers: Mutex::new(Vec::new()),
+        })
+    }
+
+    #[test]
+    fn exit_observers_are_told_once_with_the_first_reason() {
+        let c = control();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        c.on_exit(Box::new(move |r| t.lock().unwrap().push(r.clone())));
+        assert!(told.lock().unwrap().is_empty(), "told before the end");
+        c.request_exit(ExitReason::Shutdown);
+        c.request_exit(ExitReason::Stopped);
+        assert_eq!(*told.lock().unwrap(), vec![ExitReason::Shutdown]);
+        assert!(c.stop.load(Ordering::SeqCst));
+        // Registered after the end: called at once, with the same reason.
+        let t = told.clone();
+        c.on_exit(Box::new(move |r| t.lock().unwrap().push(r.clone())));
+        assert_eq!(
+            *told.lock().unwrap(),
+            vec![ExitReason::Shutdown, ExitReason::Shutdown]
+        );
+    }
+
+    #[test]
+    fn a_reset_after_a_panic_line_is_a_panic() {
+        let c = control();
+        let n = Arc::new(AtomicUsize::new(0));
+        let seen = n.clone();
+        c.on_exit(Box::new(move |r| {
+            assert_eq!(*r, ExitReason::Panic);
+            seen.fetch_add(1, Ordering::SeqCst);
+        }));
+        c.timeline.mark_kernel_panic();
+        c.request_exit(ExitReason::Reset);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        assert_eq!(c.reason(), Some(ExitReason::Panic));
+    }
 }
