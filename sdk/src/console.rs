@@ -1,9 +1,10 @@
 //! The guest console as the SDK keeps it: every line captured (up to a byte
 //! limit, oldest dropped first), a live stream of lines for subscribers, and
-//! optional echo to the host's stdout.
+//! optional echo to the host's stdout. The lines come cut by the VMM
+//! ([`osso_vmm::ConsoleLines`]), which cuts the console once for its own
+//! milestones: the SDK does not split the bytes again.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -14,12 +15,11 @@ struct State {
     lines: VecDeque<String>,
     bytes: usize,
     dropped: u64,
-    partial: Vec<u8>,
     subscribers: Vec<Sender<String>>,
 }
 
-/// The console of one VM, shared between the VMM's serial device (writer)
-/// and the [`crate::Vm`] handle (readers).
+/// The console of one VM, shared between the VMM's serial device (which
+/// hands it lines) and the [`crate::Vm`] handle (readers).
 #[derive(Clone)]
 pub struct Console {
     state: Arc<Mutex<State>>,
@@ -43,21 +43,22 @@ impl Console {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The writer the VMM's serial device writes guest output into.
-    pub(crate) fn writer(&self) -> ConsoleWriter {
-        ConsoleWriter(self.clone())
+    /// What the VMM's serial device hands each console line to.
+    pub(crate) fn line_sink(&self) -> osso_vmm::ConsoleLines {
+        let me = self.clone();
+        Box::new(move |line| me.push_line(line))
     }
 
-    /// Every captured line (within the limit), joined with newlines, plus
-    /// any unfinished last line.
+    /// Every captured line (within the limit), each ended by a newline. (An
+    /// unfinished last line joins them when the VMM's console writer goes,
+    /// with the VM.)
     pub fn text(&self) -> String {
         let s = self.lock();
-        let mut out = String::with_capacity(s.bytes + s.partial.len());
+        let mut out = String::with_capacity(s.bytes);
         for l in &s.lines {
             out.push_str(l);
             out.push('\n');
         }
-        out.push_str(&String::from_utf8_lossy(&s.partial));
         out
     }
 
@@ -93,18 +94,27 @@ impl Console {
 
     /// Ends every live stream (the VM is gone).
     pub(crate) fn close(&self) {
-        let mut s = self.lock();
-        if !s.partial.is_empty() {
-            let line = String::from_utf8_lossy(&std::mem::take(&mut s.partial)).into_owned();
-            self.push_line(&mut s, line);
-        }
-        s.subscribers.clear();
+        self.lock().subscribers.clear();
     }
 
-    fn push_line(&self, s: &mut State, line: String) {
+    fn push_line(&self, line: &str) {
         if self.echo {
             println!("{line}");
         }
+        // A line longer than the whole limit is cut to fit it (with its
+        // newline), at a character boundary.
+        let room = self.limit.saturating_sub(1);
+        let line = if line.len() > room {
+            let mut at = room;
+            while !line.is_char_boundary(at) {
+                at -= 1;
+            }
+            &line[..at]
+        } else {
+            line
+        };
+        let mut s = self.lock();
+        let line = line.to_string();
         s.subscribers.retain(|tx| tx.send(line.clone()).is_ok());
         self.signal.notify();
         s.bytes += line.len() + 1;
@@ -119,50 +129,32 @@ impl Console {
             }
         }
     }
-
-    fn feed(&self, data: &[u8]) {
-        let mut s = self.lock();
-        for &b in data {
-            match b {
-                b'\n' => {
-                    let raw = std::mem::take(&mut s.partial);
-                    let line = String::from_utf8_lossy(&raw)
-                        .trim_end_matches('\r')
-                        .to_string();
-                    self.push_line(&mut s, line);
-                }
-                // A line longer than the whole limit is cut, not kept whole.
-                _ if s.partial.len() >= self.limit.max(1) => {}
-                _ => s.partial.push(b),
-            }
-        }
-    }
-}
-
-/// `Write` adapter handed to the VMM as the console sink.
-pub(crate) struct ConsoleWriter(Console);
-
-impl Write for ConsoleWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.feed(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::io::Write;
+    use std::time::Instant;
+
+    use osso_vmm::devices::serial::ConsoleWriter;
+    use osso_vmm::metrics::Timeline;
+
     use super::*;
+
+    /// `text` written into `c` the way a VM's console reaches it: through
+    /// the VMM's console writer, which cuts it into lines (an unfinished
+    /// last line when the writer goes).
+    pub(crate) fn write_console(c: &Console, text: &[u8]) {
+        let t = Arc::new(Timeline::new(Instant::now()));
+        let mut w = ConsoleWriter::new(Box::new(std::io::sink()), Some(c.line_sink()), t);
+        w.write_all(text).unwrap();
+    }
 
     #[test]
     fn lines_are_captured_streamed_and_bounded() {
         let c = Console::new(25, false, Arc::default());
         let rx = c.subscribe();
-        let mut w = c.writer();
-        w.write_all(b"hello\r\nwor").unwrap();
-        w.write_all(b"ld\nthird line here\n").unwrap();
+        write_console(&c, b"hello\r\nworld\nthird line here\n");
         assert_eq!(
             rx.try_iter().collect::<Vec<_>>(),
             ["hello", "world", "third line here"]
@@ -172,10 +164,13 @@ mod tests {
         assert_eq!(c.dropped_lines(), 1);
         assert!(c.contains("third"));
         assert!(!c.contains("hello"));
-        w.write_all(b"partial").unwrap();
+        write_console(&c, b"partial");
+        assert!(c.text().ends_with("partial\n"), "an unfinished last line");
+        assert_eq!(rx.recv().as_deref(), Ok("partial"));
         c.close();
-        assert!(c.text().ends_with("partial\n"));
-        assert!(rx.recv().is_ok(), "the partial line is delivered on close");
         assert!(rx.recv().is_err(), "the stream ends on close");
+        // A line longer than the whole limit is cut to fit it.
+        write_console(&c, "é".repeat(40).as_bytes());
+        assert_eq!(c.text(), format!("{}\n", "é".repeat(12)));
     }
 }

@@ -199,7 +199,6 @@ fn job_output(
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
 
     use base64::Engine;
 
@@ -208,7 +207,7 @@ mod tests {
     /// A console holding `text`, kept within `limit` bytes.
     fn console_with(text: &str, limit: usize) -> Console {
         let c = Console::new(limit, false, Default::default());
-        c.writer().write_all(text.as_bytes()).unwrap();
+        console::tests::write_console(&c, text.as_bytes());
         c
     }
 

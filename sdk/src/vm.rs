@@ -216,7 +216,7 @@ pub(crate) fn spawn_files(
     vmc.vcpus = config.vcpus;
     vmc.cmdline_extra = (!config.cmdline_extra.is_empty()).then(|| config.cmdline_extra.join(" "));
     vmc.timeout = config.lifetime;
-    vmc.console = Box::new(console.writer());
+    vmc.console_lines = Some(console.line_sink());
     vmc.start = Some(clock.vmm_start);
     vmc.seccomp = config.seccomp;
     let mut builder = MachineBuilder::new(vmc).map_err(Error::vmm)?;
@@ -282,7 +282,8 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
     let signal = Arc::new(Signal::default());
     let console = Console::new(config.console_limit, config.echo_console, signal.clone());
     let opts = RestoreOptions {
-        console: Box::new(console.writer()),
+        console: Box::new(std::io::sink()),
+        console_lines: Some(console.line_sink()),
         console_input: None,
         timeout: config.lifetime,
         start: Some(started),

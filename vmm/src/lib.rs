@@ -35,6 +35,7 @@ pub mod virtio;
 
 pub use boot::{BootSource, CpuMode};
 pub use bus::{Bus, BusDevice};
+pub use devices::serial::ConsoleLines;
 pub use machine::{
     run, AttachError, AttachedNet, ExitObserver, ExitReason, Machine, MachineBuilder, MmioSlot,
     RunOutcome, StopHandle, VmConfig, VmmError,

@@ -1,8 +1,10 @@
 //! The console: a 16550 UART at 0x3f8 (IRQ 4) built on `vm_superio::Serial`.
 //!
 //! Output goes to a host sink the caller gives (any `Write + Send`), through a
-//! [`ConsoleWriter`] that watches the text for boot milestones (`Run /init as
-//! init process`, `Kernel panic`). Input from the host is queued into the
+//! [`ConsoleWriter`]: the one place the console is cut into lines. Each
+//! complete line is checked for boot milestones (`Run /init as init
+//! process`, `Kernel panic`) and handed to the caller's line sink, if any
+//! ([`ConsoleLines`]), so that no one else splits the same bytes again. Input from the host is queued into the
 //! UART's receive FIFO with [`Serial::enqueue_input`]; the UART raises its
 //! interrupt through an irqfd (an `EventFd` registered on GSI 4).
 
@@ -23,21 +25,36 @@ pub const INIT_LINE: &str = "Run /init as init process";
 /// The console text that marks a kernel panic.
 pub const PANIC_LINE: &str = "Kernel panic - not syncing";
 
-/// The host side of the console output: forwards bytes to a sink and scans
-/// complete lines for milestones.
+/// Told of every complete console line: without its `\n` (and a `\r`
+/// before it), invalid UTF-8 replaced. A line longer than
+/// [`ConsoleWriter::MAX_LINE`] bytes arrives in pieces of that size, so no
+/// byte is lost. Called on the vCPU thread that wrote the line's last byte:
+/// it must be short.
+pub type ConsoleLines = Box<dyn FnMut(&str) + Send>;
+
+/// The host side of the console output: forwards bytes to a sink, cuts them
+/// into lines, marks milestones and hands each line on.
 pub struct ConsoleWriter {
     sink: Box<dyn Write + Send>,
+    lines: Option<ConsoleLines>,
     timeline: Arc<Timeline>,
     line: Vec<u8>,
 }
 
 impl ConsoleWriter {
-    const MAX_LINE: usize = 512;
+    /// The longest line handed on whole (bytes).
+    pub const MAX_LINE: usize = 4096;
 
-    /// A writer forwarding to `sink` and marking milestones on `timeline`.
-    pub fn new(sink: Box<dyn Write + Send>, timeline: Arc<Timeline>) -> Self {
+    /// A writer forwarding to `sink`, marking milestones on `timeline`, and
+    /// handing complete lines to `lines`.
+    pub fn new(
+        sink: Box<dyn Write + Send>,
+        lines: Option<ConsoleLines>,
+        timeline: Arc<Timeline>,
+    ) -> Self {
         ConsoleWriter {
             sink,
+            lines,
             timeline,
             line: Vec::with_capacity(128),
         }
@@ -46,18 +63,38 @@ impl ConsoleWriter {
     fn scan(&mut self, buf: &[u8]) {
         for &b in buf {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.line);
-                if line.contains(INIT_LINE) {
-                    self.timeline.mark_init_started();
-                    tracing::info!(us = self.timeline.now_us(), "guest kernel started /init");
-                } else if line.contains(PANIC_LINE) {
-                    self.timeline.mark_kernel_panic();
-                    tracing::warn!(us = self.timeline.now_us(), "guest kernel panicked");
+                self.end_line();
+            } else {
+                if self.line.len() >= Self::MAX_LINE {
+                    self.end_line();
                 }
-                self.line.clear();
-            } else if self.line.len() < Self::MAX_LINE {
                 self.line.push(b);
             }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let raw = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+        let line = String::from_utf8_lossy(raw);
+        if line.contains(INIT_LINE) {
+            self.timeline.mark_init_started();
+            tracing::info!(us = self.timeline.now_us(), "guest kernel started /init");
+        } else if line.contains(PANIC_LINE) {
+            self.timeline.mark_kernel_panic();
+            tracing::warn!(us = self.timeline.now_us(), "guest kernel panicked");
+        }
+        if let Some(lines) = self.lines.as_mut() {
+            lines(&line);
+        }
+        self.line.clear();
+    }
+}
+
+impl Drop for ConsoleWriter {
+    /// An unfinished last line is still a line.
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.end_line();
         }
     }
 }
@@ -207,6 +244,7 @@ impl Persist for Serial {
             EventFdTrigger(irq.try_clone()?),
             ConsoleWriter::new(
                 Box::new(io::sink()),
+                None,
                 Arc::new(Timeline::new(std::time::Instant::now())),
             ),
         );
@@ -259,7 +297,7 @@ mod tests {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let s = Serial::new(
             evt.try_clone().unwrap(),
-            ConsoleWriter::new(Box::new(sink.clone()), t.clone()),
+            ConsoleWriter::new(Box::new(sink.clone()), None, t.clone()),
         );
         for b in b"[ 1.0] Run /init as init process\r\nKernel panic - not syncing: x\n" {
             s.write(0, &[*b]);
@@ -270,12 +308,42 @@ mod tests {
     }
 
     #[test]
+    fn the_console_is_cut_into_lines_once_and_nothing_is_lost() {
+        let t = Arc::new(Timeline::new(Instant::now()));
+        let got = Arc::new(Mutex::new(Vec::<String>::new()));
+        let g = got.clone();
+        let mut w = ConsoleWriter::new(
+            Box::new(io::sink()),
+            Some(Box::new(move |l| g.lock().unwrap().push(l.to_string()))),
+            t,
+        );
+        let long = "x".repeat(ConsoleWriter::MAX_LINE + 10);
+        // Bytes arrive one at a time from the UART, or in any pieces.
+        w.write_all(b"one\r\ntw").unwrap();
+        w.write_all(b"o\n\n\xffbad\n").unwrap();
+        w.write_all(long.as_bytes()).unwrap();
+        w.write_all(b"\nlast, unfinished").unwrap();
+        assert_eq!(got.lock().unwrap().len(), 6, "{:?}", got.lock().unwrap());
+        drop(w);
+        let got = got.lock().unwrap();
+        assert_eq!(got[..4], ["one", "two", "", "\u{fffd}bad"]);
+        assert_eq!(
+            got[4].len(),
+            ConsoleWriter::MAX_LINE,
+            "a long line in pieces"
+        );
+        assert_eq!(got[5], "x".repeat(10));
+        assert_eq!(got[6], "last, unfinished", "kept when the writer goes");
+        assert_eq!(got.len(), 7);
+    }
+
+    #[test]
     fn input_raises_interrupt_and_is_read() {
         let t = Arc::new(Timeline::new(Instant::now()));
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let s = Serial::new(
             evt.try_clone().unwrap(),
-            ConsoleWriter::new(Box::new(io::sink()), t),
+            ConsoleWriter::new(Box::new(io::sink()), None, t),
         );
         s.write(1, &[0x01]); // IER: received-data interrupt on
         assert_eq!(s.enqueue_input(b"hi"), 2);

@@ -115,7 +115,7 @@ impl MachineBuilder {
         let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
         let serial = Arc::new(Serial::new(
             serial_evt,
-            ConsoleWriter::new(console, timeline.clone()),
+            ConsoleWriter::new(console, config.console_lines.take(), timeline.clone()),
         ));
         pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT), Serial::LEN)?;
 

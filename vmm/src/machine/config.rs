@@ -28,8 +28,13 @@ pub struct VmConfig {
     pub cmdline_extra: Option<String>,
     /// The VM is stopped with [`ExitReason::Timeout`](crate::ExitReason::Timeout) after this long.
     pub timeout: Option<Duration>,
-    /// Where the guest console output goes (default: discarded).
+    /// Where the guest console output goes, byte for byte (default:
+    /// discarded).
     pub console: Box<dyn Write + Send>,
+    /// Told of each complete console line (default: none). The VMM cuts the
+    /// console into lines once, for its milestones; a caller that wants
+    /// lines takes them here rather than cutting the bytes again.
+    pub console_lines: Option<crate::devices::serial::ConsoleLines>,
     /// Host input for the guest console, read on a thread of its own (which
     /// ends at end of file, on a read error, or at its first read after the
     /// VM ended). [`Machine::send_console_input`](crate::Machine::send_console_input) is the other way in.
@@ -71,6 +76,7 @@ impl VmConfig {
             cmdline_extra: None,
             timeout: None,
             console: Box::new(std::io::sink()),
+            console_lines: None,
             console_input: None,
             start: None,
             pvm_workaround: None,

@@ -224,8 +224,10 @@ pub fn map_memory(path: &Path, bytes: u64) -> Result<GuestMemoryMmap, SnapshotEr
 /// How to run a restored VM: what a [`VmConfig`] says about the host side
 /// (the guest side comes from the snapshot).
 pub struct RestoreOptions {
-    /// Where the guest console output goes.
+    /// Where the guest console output goes, byte for byte.
     pub console: Box<dyn Write + Send>,
+    /// Told of each complete console line (as [`VmConfig::console_lines`]).
+    pub console_lines: Option<crate::devices::serial::ConsoleLines>,
     /// Host input for the guest console.
     pub console_input: Option<Box<dyn std::io::Read + Send>>,
     /// Stop the VM with a timeout after this long.
@@ -245,6 +247,7 @@ impl Default for RestoreOptions {
     fn default() -> Self {
         RestoreOptions {
             console: Box::new(std::io::sink()),
+            console_lines: None,
             console_input: None,
             timeout: None,
             start: None,
@@ -298,6 +301,7 @@ pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<Machine, SnapshotErro
     config.mem_mib = body.mem_mib;
     config.vcpus = vcpus;
     config.console = opts.console;
+    config.console_lines = opts.console_lines;
     config.console_input = opts.console_input;
     config.timeout = opts.timeout;
     config.start = Some(start);

@@ -857,7 +857,16 @@ pub fn serial(cases: u32) -> u64 {
         let sink = Sink::default();
         let timeline = Arc::new(Timeline::new(Instant::now()));
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let s = Serial::new(evt, ConsoleWriter::new(Box::new(sink.clone()), timeline));
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = lines.clone();
+        let s = Serial::new(
+            evt,
+            ConsoleWriter::new(
+                Box::new(sink.clone()),
+                Some(Box::new(move |l| seen.lock().unwrap().push(l.to_string()))),
+                timeline,
+            ),
+        );
         for op in &ops {
             match op {
                 PortOp::Read { off, width } => {
@@ -879,6 +888,12 @@ pub fn serial(cases: u32) -> u64 {
         }
         let out = sink.0.lock().unwrap();
         prop_assert!(out.ends_with(b"\nOK\n"), "console output after the storm");
+        let lines = lines.lock().unwrap();
+        prop_assert_eq!(
+            lines.last().map(String::as_str),
+            Some("OK"),
+            "the line after the storm"
+        );
         Ok(())
     })
 }
