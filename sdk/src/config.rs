@@ -150,15 +150,9 @@ impl Config {
 
     /// Checks what can be checked before anything starts.
     pub fn validate(&self) -> Result<(), Error> {
-        osso_vmm::layout::validate_mem_mib(self.mem_mib)
+        // The VMM's rule, run early: before the image is looked for.
+        osso_vmm::VmConfig::validate_size(self.mem_mib, self.vcpus)
             .map_err(|e| Error::Config(e.to_string()))?;
-        if self.vcpus == 0 || self.vcpus > osso_vmm::machine::MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "{} vCPUs: 1 to {} are supported",
-                self.vcpus,
-                osso_vmm::machine::MAX_VCPUS
-            )));
-        }
         if let Image::Custom { kernel, initrd } = &self.image {
             for p in std::iter::once(kernel).chain(initrd) {
                 if !p.is_file() {

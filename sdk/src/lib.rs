@@ -49,6 +49,7 @@
 pub mod config;
 pub mod console;
 pub mod error;
+mod exit;
 pub mod host;
 mod image;
 mod image_dir;
@@ -64,6 +65,7 @@ use std::time::{Duration, Instant};
 pub use config::{Config, ConfigBuilder, Image, KernelFormat, Network, ReadyWhen};
 pub use console::Console;
 pub use error::Error;
+pub use exit::{Exit, ExitReason};
 pub use host::HostKvm;
 pub use image::{build_image, prepare_image};
 pub use job::JobOutput;
@@ -71,7 +73,7 @@ pub use metrics::{Metrics, RestoreFigures, RestorePhases};
 pub use osso_vmm::net::user::PARKED_KERNEL_CMDLINE;
 pub use pool::Pool;
 pub use reaper::wait_for_background_teardown;
-pub use vm::{restore, spawn, Exit, ExitReason, Vm};
+pub use vm::{restore, spawn, Vm};
 
 /// The environment variable naming a prebuilt Osso image directory to boot
 /// when the config does not name one ([`ConfigBuilder::image_dir`] wins over

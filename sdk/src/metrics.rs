@@ -143,7 +143,8 @@ pub struct Metrics {
     pub exit: Option<String>,
     /// The host's KVM (hardware or PVM).
     pub host_kvm: crate::HostKvm,
-    /// How the guest was started: `pvh`, `linux64` (bzImage) or `restored`.
+    /// How the guest was started: `pvh`, `linux-64bit` (a bzImage) or
+    /// `restored`.
     pub boot_protocol: String,
 }
 

@@ -19,114 +19,11 @@ use vm_memory::GuestMemoryMmap;
 use crate::config::{Config, ReadyWhen};
 use crate::console::Console;
 use crate::error::Error;
+use crate::exit::{Exit, ExitReason};
 use crate::image::{resolve_image, BootFiles};
 use crate::metrics::{ImageSize, Metrics, SpawnClock};
 use crate::signal::Signal;
 use crate::HostKvm;
-
-/// Why a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ExitReason {
-    /// The guest reset itself (i8042 reset, triple fault, KVM reset event).
-    Reset,
-    /// The guest shut down.
-    Shutdown,
-    /// The guest kernel panicked (a KVM crash event, or a reset or shutdown
-    /// after a `Kernel panic - not syncing` console line).
-    Panic,
-    /// The VM's lifetime ([`crate::ConfigBuilder::lifetime`]) passed.
-    Timeout,
-    /// The host stopped it.
-    Stopped,
-    /// KVM reported an internal error or a failed VM entry on `vcpu`.
-    InternalError {
-        /// KVM's suberror (1 = emulation failure), or the entry failure reason.
-        suberror: u64,
-        /// The vCPU.
-        vcpu: u8,
-        /// The registers and extra data at the failure, as text.
-        registers: String,
-    },
-    /// A vCPU ioctl failed or KVM exited in a way the VMM does not handle.
-    VcpuError(String),
-}
-
-impl ExitReason {
-    /// Whether the guest ended by itself (reset or shutdown).
-    pub fn guest_ended_by_itself(&self) -> bool {
-        matches!(self, ExitReason::Reset | ExitReason::Shutdown)
-    }
-}
-
-impl From<&osso_vmm::ExitReason> for ExitReason {
-    fn from(r: &osso_vmm::ExitReason) -> Self {
-        use osso_vmm::ExitReason as V;
-        match r {
-            V::Reset => ExitReason::Reset,
-            V::Shutdown => ExitReason::Shutdown,
-            V::Panic => ExitReason::Panic,
-            V::Timeout => ExitReason::Timeout,
-            V::Stopped => ExitReason::Stopped,
-            V::InternalError {
-                suberror,
-                vcpu,
-                registers,
-            } => ExitReason::InternalError {
-                suberror: *suberror,
-                vcpu: *vcpu,
-                registers: registers.clone(),
-            },
-            V::VcpuError(e) => ExitReason::VcpuError(e.clone()),
-        }
-    }
-}
-
-impl std::fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitReason::Reset => write!(f, "reset"),
-            ExitReason::Shutdown => write!(f, "shutdown"),
-            ExitReason::Panic => write!(f, "guest kernel panic"),
-            ExitReason::Timeout => write!(f, "timeout"),
-            ExitReason::Stopped => write!(f, "stopped by the host"),
-            ExitReason::InternalError {
-                suberror,
-                vcpu,
-                registers,
-            } => write!(
-                f,
-                "KVM internal error (suberror {suberror}) on vCPU {vcpu}: {registers}"
-            ),
-            ExitReason::VcpuError(e) => write!(f, "vCPU error: {e}"),
-        }
-    }
-}
-
-/// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit {
-    pub reason: ExitReason,
-}
-
-impl Exit {
-    /// Whether the guest ended by itself (reset or shutdown).
-    pub fn guest_ended_by_itself(&self) -> bool {
-        self.reason.guest_ended_by_itself()
-    }
-
-    /// Whether the guest kernel panicked (a console `Kernel panic - not
-    /// syncing` line before it reset, or a KVM crash event): not a clean exit.
-    pub fn panicked(&self) -> bool {
-        self.reason == ExitReason::Panic
-    }
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.reason.fmt(f)
-    }
-}
 
 /// A running (or ended) microVM.
 pub struct Vm {

@@ -5,7 +5,7 @@
 //! [`MachineBuilder::start_restored`] starts vCPUs whose state a restore
 //! loaded. Both end in the same launch step.
 
-use super::config::{MmioSlot, VmConfig, VmmError, MAX_VCPUS};
+use super::config::{MmioSlot, VmConfig, VmmError};
 use super::{Machine, StopHandle};
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,10 +62,7 @@ impl MachineBuilder {
     ) -> Result<Self, VmmError> {
         let start = config.start.unwrap_or_else(Instant::now);
         let timeline = Arc::new(Timeline::new(start));
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(VmmError::BadVcpuCount(config.vcpus));
-        }
-        let mem_size = layout::validate_mem_mib(config.mem_mib)?;
+        let mem_size = VmConfig::validate_size(config.mem_mib, config.vcpus)?;
         // Bad input is reported before any VM exists (and without KVM).
         if let BootSource::Kernel { kernel, initrd } = &config.boot {
             boot::validate_kernel(kernel, initrd.as_deref(), mem_size)?;

@@ -66,6 +66,19 @@ impl VmConfig {
     /// Default guest RAM, MiB.
     pub const DEFAULT_MEM_MIB: u64 = 128;
 
+    /// The checks on a VM's size, which need neither a kernel nor KVM:
+    /// 1 to [`MAX_VCPUS`] vCPUs, and RAM the layout can hold. Returns the RAM
+    /// size in bytes. [`MachineBuilder::new`](crate::MachineBuilder::new)
+    /// runs them; a caller that wants the answer before it spends time
+    /// elsewhere (the SDK, before it looks for its image) runs the same
+    /// function, so that there is one rule.
+    pub fn validate_size(mem_mib: u64, vcpus: u8) -> Result<u64, VmmError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(VmmError::BadVcpuCount(vcpus));
+        }
+        Ok(crate::layout::validate_mem_mib(mem_mib)?)
+    }
+
     /// A config with defaults for `boot`.
     pub fn new(boot: BootSource) -> Self {
         VmConfig {

@@ -263,7 +263,8 @@ impl Machine {
         self.mmio.ranges().iter().map(|r| (r.base, r.len)).collect()
     }
 
-    /// How the guest was started: the boot protocol (`pvh`, `linux64`, ...)
+    /// How the guest was started: the boot protocol (`pvh`, `linux-64bit`,
+    /// `raw-code`)
     /// or `restored`.
     pub fn boot_protocol(&self) -> &'static str {
         self.protocol
