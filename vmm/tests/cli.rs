@@ -399,10 +399,7 @@ fn cli_boots_the_image_and_init_goes_online() {
     if !osso_testkit::require_guest_user_space(T) {
         return;
     }
-    let Some((kernel, initrd)) = osso_testkit::require(
-        T,
-        common::find_image().ok_or("no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)"),
-    ) else {
+    let Some((kernel, initrd)) = common::require_image(T) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

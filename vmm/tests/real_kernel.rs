@@ -29,11 +29,7 @@ fn osso_kernel_boots_to_init() {
     if !osso_testkit::require_kvm(T) {
         return;
     }
-    let Some((kernel, initrd)) = common::find_image() else {
-        osso_testkit::skip_or_fail(
-            T,
-            "no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)",
-        );
+    let Some((kernel, initrd)) = common::require_image(T) else {
         return;
     };
     let pvm = osso_testkit::Kvm::detect() == osso_testkit::Kvm::Pvm;

@@ -44,11 +44,7 @@ fn parked_kernel_snapshot_restored_twice_answers_pings() {
     if !osso_testkit::require_kvm(T) {
         return;
     }
-    let Some((kernel, initrd)) = common::find_image() else {
-        osso_testkit::skip_or_fail(
-            T,
-            "no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)",
-        );
+    let Some((kernel, initrd)) = common::require_image(T) else {
         return;
     };
     let mut cfg = VmConfig::kernel(kernel, Some(initrd));

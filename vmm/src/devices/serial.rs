@@ -156,9 +156,32 @@ impl Serial {
     }
 }
 
-/// The 16550 UART's registers and receive FIFO (vm-superio's `SerialState`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialState {
+/// The 16550 UART's registers and receive FIFO: vm-superio's own
+/// `SerialState`, serialised field by field through serde's remote derive
+/// (the fields as [`SerialStateDef`] names them), so there is no copy of the
+/// type to keep in step with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState(#[serde(with = "SerialStateDef")] pub vm_superio::serial::SerialState);
+
+/// A UART as it powers on (vm-superio's reset values).
+impl Default for SerialState {
+    fn default() -> Self {
+        /// Interrupts to nowhere: the UART is made only to read its state.
+        struct NoIrq;
+        impl vm_superio::Trigger for NoIrq {
+            type E = std::convert::Infallible;
+            fn trigger(&self) -> Result<(), Self::E> {
+                Ok(())
+            }
+        }
+        SerialState(vm_superio::Serial::new(NoIrq, io::sink()).state())
+    }
+}
+
+/// vm-superio's `SerialState`, as serde sees it.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "vm_superio::serial::SerialState")]
+pub struct SerialStateDef {
     /// DLL.
     pub baud_divisor_low: u8,
     /// DLM.
@@ -181,53 +204,20 @@ pub struct SerialState {
     pub in_buffer: Vec<u8>,
 }
 
-impl From<vm_superio::serial::SerialState> for SerialState {
-    fn from(s: vm_superio::serial::SerialState) -> Self {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialState> for vm_superio::serial::SerialState {
-    fn from(s: &SerialState) -> Self {
-        vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
 impl Persist for Serial {
     type State = SerialState;
     type Error = io::Error;
 
     /// The UART's registers and receive FIFO.
     fn save_state(&self) -> SerialState {
-        self.uart().state().into()
+        SerialState(self.uart().state())
     }
 
     /// Replaces the UART's registers and receive FIFO with `state` (a
     /// restore), keeping its interrupt line and console output. A state with
     /// more input than the FIFO holds is refused and nothing changes.
     fn restore_state(&self, state: &SerialState) -> io::Result<()> {
+        let state = &state.0;
         if state.in_buffer.len() > UART_FIFO_SIZE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -249,7 +239,7 @@ impl Persist for Serial {
             ),
         );
         let out = std::mem::replace(&mut *uart, placeholder).into_writer();
-        *uart = vm_superio::Serial::from_state(&state.into(), EventFdTrigger(irq), NoEvents, out)
+        *uart = vm_superio::Serial::from_state(state, EventFdTrigger(irq), NoEvents, out)
             .map_err(|e| io::Error::other(format!("{e:?}")))?;
         Ok(())
     }

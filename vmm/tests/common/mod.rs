@@ -66,3 +66,13 @@ pub fn find_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
         (k.is_file() && i.is_file()).then_some((k, i))
     })
 }
+
+/// [`find_image`], or a skip (a failure under `OSSO_REQUIRE_E2E=1`) that
+/// says how to get one.
+#[allow(dead_code)] // not every test binary boots the real kernel
+pub fn require_image(test: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    osso_testkit::require(
+        test,
+        find_image().ok_or("no Osso image (set OSSO_KERNEL and OSSO_INITRD, or build one)"),
+    )
+}
