@@ -233,51 +233,24 @@ pub fn strip_vmlinux(vmlinux: &Path, dest: &Path, log: &Path, mode: ProgressMode
 /// The PVH 32-bit entry point from an ELF64 image's `Xen` note of type 18
 /// (XEN_ELFNOTE_PHYS32_ENTRY), if it has one. Malformed input gives None.
 pub fn pvh_entry(elf: &[u8]) -> Option<u64> {
-    const PT_NOTE: u32 = 4;
     const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-    };
-    // ELF64, little-endian.
-    if elf.get(0..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
+    let parsed = goblin::elf::Elf::parse(elf).ok()?;
+    if !parsed.is_64 || !parsed.little_endian {
         return None;
     }
-    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
-    let phentsize = usize::from(u16_at(0x36)?);
-    let phnum = usize::from(u16_at(0x38)?);
-    for i in 0..phnum {
-        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        if u32_at(ph)? != PT_NOTE {
-            continue;
-        }
-        let start = usize::try_from(u64_at(ph + 0x08)?).ok()?;
-        let size = usize::try_from(u64_at(ph + 0x20)?).ok()?;
-        let end = start.checked_add(size)?.min(elf.len());
-        let mut o = start;
-        while o + 12 <= end {
-            let namesz = usize::try_from(u32_at(o)?).ok()?;
-            let descsz = usize::try_from(u32_at(o + 4)?).ok()?;
-            let ntype = u32_at(o + 8)?;
-            let name_at = o + 12;
-            let desc_at = name_at.checked_add(namesz.checked_add(3)? & !3)?;
-            let next = desc_at.checked_add(descsz.checked_add(3)? & !3)?;
-            if ntype == XEN_ELFNOTE_PHYS32_ENTRY && elf.get(name_at..name_at + namesz)? == b"Xen\0"
-            {
-                return match descsz {
-                    4 => u32_at(desc_at).map(u64::from),
-                    8 => u64_at(desc_at),
-                    _ => None,
-                };
-            }
-            o = next;
+    // A malformed note ends the walk (goblin yields an error for it).
+    for note in parsed.iter_note_headers(elf)?.map_while(|n| n.ok()) {
+        if note.n_type == XEN_ELFNOTE_PHYS32_ENTRY && note.name.trim_end_matches('\0') == "Xen" {
+            return match note.desc.len() {
+                4 => note
+                    .desc
+                    .try_into()
+                    .ok()
+                    .map(u32::from_le_bytes)
+                    .map(u64::from),
+                8 => note.desc.try_into().ok().map(u64::from_le_bytes),
+                _ => None,
+            };
         }
     }
     None
@@ -337,6 +310,22 @@ mod tests {
         assert_eq!(pvh_entry(&elf_with_notes(&notes)), Some(0x0100_0abc));
         let other = note(b"Xen\0", 17, &0u32.to_le_bytes());
         assert_eq!(pvh_entry(&elf_with_notes(&other)), None);
+    }
+
+    #[test]
+    fn the_real_kernel_has_its_pvh_entry_found() {
+        const T: &str = "the_real_kernel_has_its_pvh_entry_found";
+        let Some(path) = osso_testkit::require(
+            T,
+            std::env::var("OSSO_KERNEL").map_err(|_| "OSSO_KERNEL is not set (no built image)"),
+        ) else {
+            return;
+        };
+        let elf = std::fs::read(&path).unwrap();
+        let entry = pvh_entry(&elf).expect("the Osso vmlinux has a PVH note");
+        // Linux's PVH entry (pvh_start_xen) is a 32-bit physical address
+        // inside the kernel's load range (16 MiB up).
+        assert!((0x100_0000..0x1_0000_0000).contains(&entry), "{entry:#x}");
     }
 
     #[test]

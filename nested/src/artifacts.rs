@@ -174,34 +174,18 @@ pub fn check_static(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         detail: detail.into(),
     };
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
+    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| {
+        bad(&format!(
+            "not a readable ELF file (truncated or corrupt?): {e}"
+        ))
+    })?;
+    if !elf.is_64 {
         return Err(bad("not a 64-bit ELF file"));
     }
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
-    let u32_at =
-        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-    let u64_at = |o: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&bytes[o..o + 8]);
-        u64::from_le_bytes(b)
-    };
-    let phoff = usize::try_from(u64_at(0x20)).map_err(|_| bad("bad program header offset"))?;
-    let phentsize = usize::from(u16_at(0x36));
-    let phnum = usize::from(u16_at(0x38));
-    for i in 0..phnum {
-        let o = i
-            .checked_mul(phentsize)
-            .and_then(|x| x.checked_add(phoff))
-            .filter(|o| o.saturating_add(4) <= bytes.len());
-        let Some(o) = o else {
-            return Err(bad("truncated program headers"));
-        };
-        const PT_INTERP: u32 = 3;
-        if u32_at(o) == PT_INTERP {
-            return Err(bad(
-                "dynamically linked: build with the workspace's .cargo/config.toml (static, target x86_64-unknown-linux-gnu)",
-            ));
-        }
+    if elf.interpreter.is_some() {
+        return Err(bad(
+            "dynamically linked: build with the workspace's .cargo/config.toml (static, target x86_64-unknown-linux-gnu)",
+        ));
     }
     Ok(())
 }
@@ -240,28 +224,22 @@ not json"#;
     #[test]
     fn a_dynamic_program_is_refused_and_garbage_too() {
         // A minimal ELF64 header with one program header of the given type.
-        let elf = |p_type: u32| {
-            let mut b = vec![0u8; 64 + 56];
-            b[..4].copy_from_slice(b"\x7fELF");
-            b[4] = 2;
-            b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-            b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-            b[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-            b[64..68].copy_from_slice(&p_type.to_le_bytes());
-            b
-        };
         let dir = tempfile::tempdir().unwrap();
         let dynamic = dir.path().join("dynamic");
-        std::fs::write(&dynamic, elf(3)).unwrap(); // PT_INTERP
+        std::fs::write(
+            &dynamic,
+            osso_testkit::elf::dynamic("/lib64/ld-linux-x86-64.so.2"),
+        )
+        .unwrap();
         let err = check_static(&dynamic).unwrap_err().to_string();
         assert!(err.contains("dynamically linked"), "{err}");
         let loadable = dir.path().join("static");
-        std::fs::write(&loadable, elf(1)).unwrap(); // PT_LOAD only
+        std::fs::write(&loadable, osso_testkit::elf::exec(0x1000, &[0xf4], 1, &[])).unwrap();
         check_static(&loadable).unwrap();
         // This test binary is built by the workspace: static.
         check_static(&std::env::current_exe().unwrap()).unwrap();
-        let mut truncated = elf(1);
-        truncated[0x38..0x3a].copy_from_slice(&9u16.to_le_bytes());
+        let mut truncated = osso_testkit::elf::exec(0x1000, &[0xf4], 1, &[]);
+        truncated[0x38..0x3a].copy_from_slice(&9u16.to_le_bytes()); // e_phnum
         std::fs::write(&loadable, truncated).unwrap();
         assert!(check_static(&loadable)
             .unwrap_err()
@@ -269,9 +247,7 @@ not json"#;
             .contains("truncated"));
         let junk = dir.path().join("junk");
         std::fs::write(&junk, b"#!/bin/sh\necho hi\n").unwrap();
-        assert!(check_static(&junk)
-            .unwrap_err()
-            .to_string()
-            .contains("not a 64-bit ELF"));
+        let err = check_static(&junk).unwrap_err().to_string();
+        assert!(err.contains("not a readable ELF file"), "{err}");
     }
 }

@@ -6,6 +6,7 @@
 const EHSIZE: usize = 64;
 const PHSIZE: usize = 56;
 const PT_LOAD: u32 = 1;
+const PT_INTERP: u32 = 3;
 const PT_NOTE: u32 = 4;
 /// The note type of the PVH 32-bit entry point (`XEN_ELFNOTE_PHYS32_ENTRY`).
 pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
@@ -35,16 +36,27 @@ pub fn exec(paddr: u64, code: &[u8], memsz: u64, notes: &[u8]) -> Vec<u8> {
     build(
         paddr,
         Some((paddr, code, memsz.max(code.len() as u64))),
-        notes,
+        (PT_NOTE, notes),
     )
 }
 
 /// An executable with only a PT_NOTE holding `notes` (for note parsers).
 pub fn notes_only(notes: &[u8]) -> Vec<u8> {
-    build(0, None, notes)
+    build(0, None, (PT_NOTE, notes))
 }
 
-fn build(entry: u64, load: Option<(u64, &[u8], u64)>, notes: &[u8]) -> Vec<u8> {
+/// A dynamically linked executable: one PT_INTERP naming `interpreter`
+/// (for checks that refuse such programs).
+pub fn dynamic(interpreter: &str) -> Vec<u8> {
+    let mut path = interpreter.as_bytes().to_vec();
+    path.push(0);
+    build(0, None, (PT_INTERP, &path))
+}
+
+/// `extra`: a segment of another type (PT_NOTE, PT_INTERP) and its bytes,
+/// placed after the program headers; none when the bytes are empty.
+fn build(entry: u64, load: Option<(u64, &[u8], u64)>, extra: (u32, &[u8])) -> Vec<u8> {
+    let (extra_type, notes) = extra;
     let phnum = usize::from(load.is_some()) + usize::from(!notes.is_empty());
     let note_off = EHSIZE + phnum * PHSIZE;
     let code_off = (note_off + notes.len()).next_multiple_of(16);
@@ -63,6 +75,8 @@ fn build(entry: u64, load: Option<(u64, &[u8], u64)>, notes: &[u8]) -> Vec<u8> {
     e[56..58].copy_from_slice(&(phnum as u16).to_le_bytes());
     let mut ph =
         |i: usize, ptype: u32, flags: u32, off: usize, addr: u64, filesz: u64, memsz: u64| {
+            // Notes are 4-byte aligned (as Linux's are); code by 16.
+            let align: u64 = if ptype == PT_LOAD { 16 } else { 4 };
             let p = EHSIZE + i * PHSIZE;
             e[p..p + 4].copy_from_slice(&ptype.to_le_bytes());
             e[p + 4..p + 8].copy_from_slice(&flags.to_le_bytes());
@@ -71,7 +85,7 @@ fn build(entry: u64, load: Option<(u64, &[u8], u64)>, notes: &[u8]) -> Vec<u8> {
             e[p + 24..p + 32].copy_from_slice(&addr.to_le_bytes()); // paddr
             e[p + 32..p + 40].copy_from_slice(&filesz.to_le_bytes());
             e[p + 40..p + 48].copy_from_slice(&memsz.to_le_bytes());
-            e[p + 48..p + 56].copy_from_slice(&16u64.to_le_bytes()); // align
+            e[p + 48..p + 56].copy_from_slice(&align.to_le_bytes());
         };
     let mut i = 0;
     if let Some((paddr, code, memsz)) = load {
@@ -81,7 +95,7 @@ fn build(entry: u64, load: Option<(u64, &[u8], u64)>, notes: &[u8]) -> Vec<u8> {
     if !notes.is_empty() {
         ph(
             i,
-            PT_NOTE,
+            extra_type,
             4,
             note_off,
             0,
