@@ -276,3 +276,40 @@ fn a_machine_with_virtio_devices_is_refused_and_bad_snapshots_fail() {
     assert!(matches!(e, SnapshotError::Corrupt { .. }), "{e}");
     println!("{e}");
 }
+
+/// Pause, save and stop are requests each vCPU answers, the AP too (which
+/// never leaves `KVM_RUN` by itself: it waits for a SIPI inside KVM).
+#[test]
+fn two_vcpus_pause_snapshot_resume_and_stop_while_parked() {
+    if !osso_testkit::require_kvm("two_vcpus_pause_snapshot_resume_and_stop_while_parked") {
+        return;
+    }
+    let console = Console::default();
+    let mut cfg = counter_config(&console, 16);
+    cfg.vcpus = 2;
+    let m = MachineBuilder::new(cfg).unwrap().start().unwrap();
+    wait_for_output(&console, 0, 10);
+
+    m.pause(Duration::from_secs(30)).expect("both vCPUs park");
+    assert!(m.is_paused());
+    let paused_at = console.bytes().len();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(console.bytes().len(), paused_at, "a paused guest writes nothing");
+
+    let dir = tempfile::tempdir().unwrap();
+    m.snapshot(dir.path()).expect("snapshot of a paused VM");
+    assert!(m.is_paused(), "a snapshot keeps the caller's pause");
+    let (_, body) = snapshot::read_snapshot(dir.path()).unwrap();
+    assert_eq!(body.vcpus.len(), 2, "each vCPU saved its own state");
+    assert_eq!(console.bytes().len(), paused_at);
+
+    m.resume();
+    assert!(!m.is_paused());
+    wait_for_output(&console, paused_at, 10);
+
+    // Parked vCPUs wake for a stop: the VM ends without a resume.
+    m.pause(Duration::from_secs(30)).unwrap();
+    m.stop();
+    let out = m.wait();
+    assert_eq!(out.exit, osso_vmm::ExitReason::Stopped);
+}

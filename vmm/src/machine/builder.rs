@@ -23,7 +23,7 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleWriter, Serial};
 use crate::kvm::vcpu::run::ExitReason;
-use crate::kvm::vcpu::run::{install_kick_handler, ParkState, PthreadKick, RunControl, VcpuRunner};
+use crate::kvm::vcpu::run::{install_kick_handler, PthreadKick, RunControl, VcpuRunner};
 use crate::kvm::{self, kvm_err, vcpu};
 use crate::layout::{self, LayoutError};
 use crate::metrics::Timeline;
@@ -96,9 +96,7 @@ impl MachineBuilder {
             vcpu_threads: Mutex::new(Vec::new()),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(os("exit eventfd"))?,
             timeline: timeline.clone(),
-            pause: AtomicBool::new(false),
-            parked: Mutex::new(ParkState::default()),
-            park_cv: Condvar::new(),
+            requests: Mutex::new(Vec::new()),
             exit_observers: Mutex::new(Vec::new()),
         });
 
@@ -386,8 +384,16 @@ impl MachineBuilder {
                 .vcpu_threads
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            let mut requests = self
+                .shared
+                .requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             for (id, fd) in vcpus.into_iter().enumerate() {
+                let (tell, told) = std::sync::mpsc::channel();
+                requests.push(tell);
                 let ctx = VcpuRunner {
+                    requests: told,
                     id: id as u8,
                     seccomp: self.config.seccomp,
                     pio: self.pio.clone(),
@@ -404,6 +410,7 @@ impl MachineBuilder {
                 let h = match h {
                     Ok(h) => h,
                     Err(e) => {
+                        drop(requests);
                         drop(threads);
                         self.shared.request_exit(ExitReason::Stopped);
                         join_all(&self.shared, handles);
@@ -439,6 +446,7 @@ impl MachineBuilder {
             timeline: self.timeline,
             handles: Mutex::new(handles),
             vcpu_count: usize::from(self.config.vcpus),
+            paused: std::sync::atomic::AtomicBool::new(false),
             protocol,
             net: self.net,
             _kvm: self.kvm,

@@ -32,7 +32,7 @@ pub use builder::MachineBuilder;
 pub use config::{MmioSlot, VmConfig, VmmError, MAX_VCPUS};
 pub use net::{AttachError, AttachedNet};
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,8 +42,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
 use crate::devices::serial::Serial;
-use crate::kvm::vcpu::run::RunControl;
 pub use crate::kvm::vcpu::run::{ExitObserver, ExitReason};
+use crate::kvm::vcpu::run::{RunControl, VcpuRequest};
 use crate::metrics::{memory_figures, RunMetrics, Timeline};
 
 /// A cloneable handle that stops the VM from any thread.
@@ -85,6 +85,8 @@ pub struct Machine {
     /// The vCPU threads, until [`Machine::wait`] joins them.
     handles: Mutex<Vec<JoinHandle<()>>>,
     vcpu_count: usize,
+    /// A pause was asked and not ended ([`Machine::pause`]).
+    paused: AtomicBool,
     protocol: &'static str,
     /// The network device, if one was attached: the machine owns it.
     net: Option<AttachedNet>,
@@ -172,82 +174,98 @@ impl Machine {
         exit.clone()
     }
 
-    /// Pauses every vCPU (each parks out of `KVM_RUN` and saves its state)
-    /// and returns their states, in index order. The VM stays paused until
-    /// [`Machine::resume`]. Fails if the VM ended or a vCPU did not park
-    /// within `timeout`, or a vCPU's state could not be read (the pause is
-    /// then undone).
+    /// Asks every vCPU to park out of `KVM_RUN` and waits for each to say
+    /// it has. The VM stays paused until [`Machine::resume`]. Fails if the
+    /// VM ended or a vCPU did not park within `timeout` (the pause is then
+    /// undone).
+    fn pause_vcpus(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        self.paused.store(true, Ordering::SeqCst);
+        let parked: Vec<_> = (0..self.vcpu_count)
+            .map(|i| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.shared.tell(i, VcpuRequest::Pause(tx));
+                rx
+            })
+            .collect();
+        self.shared.kick_all();
+        for (i, rx) in parked.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                self.resume();
+                return Err(match self.shared.reason() {
+                    Some(r) => format!("the VM has ended ({r})"),
+                    None => format!("vCPU {i} did not park within {timeout:?}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks every parked vCPU for its state, in index order.
+    fn save_vcpus(
+        &self,
+        timeout: Duration,
+        msr_list: &[u32],
+    ) -> Result<Vec<crate::kvm::vcpu::state::VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        let msr_list: Arc<[u32]> = msr_list.into();
+        let replies: Vec<_> = (0..self.vcpu_count)
+            .map(|i| {
+                let (reply, rx) = std::sync::mpsc::channel();
+                self.shared.tell(
+                    i,
+                    VcpuRequest::SaveState {
+                        msr_list: msr_list.clone(),
+                        reply,
+                    },
+                );
+                rx
+            })
+            .collect();
+        let mut out = Vec::with_capacity(self.vcpu_count);
+        for (i, rx) in replies.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok(state)) => out.push(state),
+                Ok(Err(e)) => return Err(format!("saving vCPU {i}: {e}")),
+                Err(_) => return Err(format!("vCPU {i} saved nothing within {timeout:?}")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pauses every vCPU and has each save its state; returns the states in
+    /// index order. The VM stays paused until [`Machine::resume`]. Fails if
+    /// the VM ended, a vCPU did not park within `timeout`, or a vCPU's state
+    /// could not be read (the pause is then undone).
     pub(crate) fn pause_and_save(
         &self,
         timeout: Duration,
         msr_list: &[u32],
     ) -> Result<Vec<crate::kvm::vcpu::state::VcpuState>, String> {
-        let n = self.vcpu_count;
-        {
-            let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
-            p.msr_list = msr_list.to_vec();
-        }
-        self.shared.pause.store(true, Ordering::SeqCst);
-        self.shared.kick_all();
-        let deadline = Instant::now() + timeout;
-        let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
-        while p.count < n {
-            let now = Instant::now();
-            if self.shared.reason().is_some() || now >= deadline {
-                drop(p);
-                self.resume();
-                return Err(match self.shared.reason() {
-                    Some(r) => format!("the VM has ended ({r})"),
-                    None => format!("vCPUs did not park within {timeout:?}"),
-                });
-            }
-            p = self
-                .shared
-                .park_cv
-                .wait_timeout(p, (deadline - now).min(Duration::from_millis(50)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let mut out = Vec::with_capacity(n);
-        let mut failed = None;
-        for i in 0..n {
-            match p.saved.get(i).cloned().flatten() {
-                Some(Ok(s)) => out.push(s),
-                Some(Err(e)) => failed = Some(format!("saving vCPU {i}: {e}")),
-                None => failed = Some(format!("vCPU {i} saved nothing")),
-            }
-            if failed.is_some() {
-                break;
-            }
-        }
-        if let Some(e) = failed {
+        self.pause_vcpus(timeout)?;
+        self.save_vcpus(timeout, msr_list).inspect_err(|_| {
             // Not left paused behind an error.
-            drop(p);
             self.resume();
-            return Err(e);
-        }
-        Ok(out)
+        })
     }
 
     /// Pauses the VM: every vCPU parks out of `KVM_RUN`. Devices keep their
     /// threads (a paused guest posts no new work).
     pub fn pause(&self, timeout: Duration) -> Result<(), String> {
-        // The vCPUs save their state on parking (a later snapshot of the
-        // paused VM uses it), so they need the MSR list now.
-        let msrs = crate::kvm::vcpu::state::msr_index_list(&self._kvm);
-        self.pause_and_save(timeout, &msrs).map(|_| ())
+        self.pause_vcpus(timeout)
     }
 
     /// Ends a pause: parked vCPUs run on.
     pub fn resume(&self) {
-        self.shared.pause.store(false, Ordering::SeqCst);
-        let _p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
-        self.shared.park_cv.notify_all();
+        self.paused.store(false, Ordering::SeqCst);
+        self.shared.tell_all(|| VcpuRequest::Resume);
     }
 
     /// Whether the VM is paused (a pause was asked and not ended).
     pub fn is_paused(&self) -> bool {
-        self.shared.pause.load(Ordering::SeqCst)
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// The restore phases, for a machine made by [`crate::snapshot::restore`].

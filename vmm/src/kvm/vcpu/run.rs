@@ -1,16 +1,18 @@
 //! A vCPU running: its thread's loop (`KVM_RUN`, port and MMIO exits to the
-//! buses, the exits that end the VM), its run state shared with the machine
-//! ([`RunControl`]: running, paused with its state saved, or finished with an
+//! buses, the exits that end the VM), the requests it answers
+//! ([`VcpuRequest`]: pause, save your state, resume, stop), the run state it
+//! shares with the machine ([`RunControl`]: running or finished with an
 //! [`ExitReason`]), and the kick that takes it out of `KVM_RUN` (a signal
-//! whose handler sets `immediate_exit`). Asked to pause, a vCPU parks itself
-//! and saves its own state ([`super::state::save_vcpu`]): the state does not
-//! travel out of the thread and back.
+//! whose handler sets `immediate_exit`). A request travels on the vCPU's own
+//! channel and is followed by a kick; the vCPU answers on the channel the
+//! request carries. Its state is saved by the vCPU thread itself
+//! ([`super::state::save_vcpu`]), which owns the `VcpuFd`.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -81,8 +83,8 @@ impl std::fmt::Display for ExitReason {
 }
 
 /// The run state shared between the vCPU threads, the devices and the
-/// machine's handle: why it ended (if it did), the stop flag, the pause and
-/// what parked vCPUs saved.
+/// machine's handle: why it ended (if it did), the stop flag, and the way to
+/// each vCPU's requests.
 pub(crate) struct RunControl {
     pub(crate) exit: Mutex<Option<ExitReason>>,
     pub(crate) exited: Condvar,
@@ -92,12 +94,8 @@ pub(crate) struct RunControl {
     pub(crate) vcpu_threads: Mutex<Vec<PthreadKick>>,
     pub(crate) exit_evt: EventFd,
     pub(crate) timeline: Arc<Timeline>,
-    /// Snapshot support: vCPUs park while this is set (see [`Machine::resume`]).
-    pub(crate) pause: AtomicBool,
-    /// Parked vCPUs and the state each saved on parking.
-    pub(crate) parked: Mutex<ParkState>,
-    /// Signalled when a vCPU parks, and when the pause ends.
-    pub(crate) park_cv: Condvar,
+    /// Each vCPU's request channel, by index (see [`RunControl::tell`]).
+    pub(crate) requests: Mutex<Vec<Sender<VcpuRequest>>>,
     /// Told once of the exit, on the thread that caused it (see
     /// [`RunControl::on_exit`]); emptied when they are called.
     pub(crate) exit_observers: Mutex<Vec<ExitObserver>>,
@@ -108,15 +106,25 @@ pub(crate) struct RunControl {
 /// stopped it), so it must be short and must not wait for the VM.
 pub type ExitObserver = Box<dyn FnOnce(&ExitReason) + Send>;
 
-/// vCPUs parked by a pause, and what they saved.
-#[derive(Default)]
-pub(crate) struct ParkState {
-    /// How many vCPUs are parked.
-    pub(crate) count: usize,
-    /// MSR indices to save (set by the pauser).
-    pub(crate) msr_list: Vec<u32>,
-    /// Each parked vCPU's saved state, by index.
-    pub(crate) saved: Vec<Option<Result<super::state::VcpuState, String>>>,
+/// What the machine asks of a vCPU thread; it answers on the channel a
+/// request carries.
+pub(crate) enum VcpuRequest {
+    /// Leave `KVM_RUN` (completing a pending port or MMIO read first) and
+    /// wait for the next request; answered once parked. A parked vCPU
+    /// answers at once.
+    Pause(Sender<()>),
+    /// Save your state (answered only while parked: a running vCPU's state
+    /// would not match its siblings').
+    SaveState {
+        /// The MSRs to save.
+        msr_list: Arc<[u32]>,
+        /// Where the state goes.
+        reply: Sender<Result<super::state::VcpuState, String>>,
+    },
+    /// Run on after a pause (ignored by a running vCPU).
+    Resume,
+    /// The VM ends: wakes a parked vCPU (a running one sees the stop flag).
+    Stop,
 }
 
 /// A vCPU thread to kick, by the id std gives (`RawPthread`: an integer on
@@ -168,6 +176,7 @@ impl RunControl {
             }
         };
         self.stop.store(true, Ordering::SeqCst);
+        self.tell_all(|| VcpuRequest::Stop);
         self.kick_all();
         if first {
             let _ = self.exit_evt.write(1);
@@ -205,6 +214,24 @@ impl RunControl {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(observer),
+        }
+    }
+
+    /// Sends vCPU `index` a request (kick it after, so that a vCPU inside
+    /// `KVM_RUN` sees it). False if there is no such vCPU or it has ended.
+    pub(crate) fn tell(&self, index: usize, request: VcpuRequest) -> bool {
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        requests
+            .get(index)
+            .is_some_and(|tx| tx.send(request).is_ok())
+    }
+
+    /// Sends every vCPU the request `make` makes.
+    pub(crate) fn tell_all(&self, make: impl Fn() -> VcpuRequest) {
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in requests.iter() {
+            // A vCPU that has ended has dropped its receiver: nothing to do.
+            let _ = tx.send(make());
         }
     }
 
@@ -259,6 +286,8 @@ pub(crate) struct VcpuRunner {
     pub(crate) pio: Bus,
     pub(crate) mmio: Bus,
     pub(crate) shared: Arc<RunControl>,
+    /// This vCPU's requests ([`RunControl::tell`] sends them).
+    pub(crate) requests: Receiver<VcpuRequest>,
 }
 
 /// What the loop does after an exit (decided once the exit's borrow of the
@@ -271,11 +300,31 @@ enum Next {
 }
 
 impl VcpuRunner {
+    /// Answers the requests waiting for this running vCPU. False when the
+    /// VM ends.
+    fn answer_requests(&self, vcpu: &mut VcpuFd) -> bool {
+        loop {
+            match self.requests.try_recv() {
+                Ok(VcpuRequest::Pause(reply)) => {
+                    if !self.park(vcpu, reply) {
+                        return false;
+                    }
+                }
+                Ok(VcpuRequest::SaveState { reply, .. }) => {
+                    let _ = reply.send(Err("the vCPU is running: pause it first".into()));
+                }
+                Ok(VcpuRequest::Resume) => {}
+                Ok(VcpuRequest::Stop) | Err(TryRecvError::Disconnected) => return false,
+                Err(TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
     /// Parks this vCPU for a pause: completes a pending PIO/MMIO read (one
-    /// `KVM_RUN` with `immediate_exit` set, as KVM documents), saves the
-    /// vCPU's state for a snapshot, then waits until the pause ends or the VM
-    /// stops.
-    fn park(&self, vcpu: &mut VcpuFd) {
+    /// `KVM_RUN` with `immediate_exit` set, as KVM documents), says it is
+    /// parked, then answers requests (saving its state when asked) until it
+    /// is resumed (true) or the VM ends (false).
+    fn park(&self, vcpu: &mut VcpuFd, parked: Sender<()>) -> bool {
         vcpu.set_kvm_immediate_exit(1);
         match vcpu.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
@@ -283,31 +332,22 @@ impl VcpuRunner {
             Ok(exit) => tracing::debug!(vcpu = self.id, ?exit, "exit while parking"),
         }
         vcpu.set_kvm_immediate_exit(0);
-        let msr_list = {
-            let p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
-            p.msr_list.clone()
-        };
-        let saved = super::state::save_vcpu(self.id, vcpu, &msr_list).map_err(|e| e.to_string());
-        let mut p = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
-        let i = usize::from(self.id);
-        if p.saved.len() <= i {
-            p.saved.resize_with(i + 1, || None);
+        let _ = parked.send(());
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            match self.requests.recv() {
+                Ok(VcpuRequest::Resume) => return true,
+                Ok(VcpuRequest::Pause(reply)) => {
+                    let _ = reply.send(());
+                }
+                Ok(VcpuRequest::SaveState { msr_list, reply }) => {
+                    let saved = super::state::save_vcpu(self.id, vcpu, &msr_list)
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(saved);
+                }
+                Ok(VcpuRequest::Stop) | Err(_) => return false,
+            }
         }
-        p.saved[i] = Some(saved);
-        p.count += 1;
-        self.shared.park_cv.notify_all();
-        while self.shared.pause.load(Ordering::SeqCst) && !self.shared.stop.load(Ordering::SeqCst) {
-            p = self
-                .shared
-                .park_cv
-                .wait_timeout(p, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        p.count -= 1;
-        if let Some(s) = p.saved.get_mut(i) {
-            *s = None;
-        }
+        false
     }
 
     /// The vCPU thread: runs `vcpu` until the VM ends.
@@ -332,9 +372,9 @@ impl VcpuRunner {
                 tracing::debug!(vcpu = self.id, regs = %dump_registers(&vcpu), "vCPU stopped");
                 break;
             }
-            if self.shared.pause.load(Ordering::SeqCst) {
-                self.park(&mut vcpu);
-                continue;
+            if !self.answer_requests(&mut vcpu) {
+                tracing::debug!(vcpu = self.id, "vCPU stopped while parked");
+                break;
             }
             if self.id == 0 {
                 self.shared.timeline.mark_first_kvm_run();
@@ -478,9 +518,7 @@ pub(crate) mod tests {
             vcpu_threads: Mutex::new(Vec::new()),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             timeline: Arc::new(Timeline::new(Instant::now())),
-            pause: AtomicBool::new(false),
-            parked: Mutex::new(ParkState::default()),
-            park_cv: Condvar::new(),
+            requests: Mutex::new(Vec::new()),
             exit_observers: Mutex::new(Vec::new()),
         })
     }
