@@ -7,7 +7,8 @@
 //! Modules, one concern each:
 //! - [`layout`]: the guest physical memory map (RAM, boot structures, MMIO
 //!   window, IRQs) and guest RAM creation;
-//! - [`kvm`]: VM creation and vCPU configuration;
+//! - `kvm` (internal): VM creation, vCPU set-up, the vCPU run loop and its
+//!   requests, and the saved state of both;
 //! - [`boot`]: kernel/initrd loading (PVH, Linux 64-bit), command line, MP
 //!   table, boot page tables and GDT;
 //! - [`bus`]: the PIO and MMIO buses;
@@ -16,17 +17,22 @@
 //!   threads, stop/wait, exit reasons;
 //! - [`metrics`]: boot milestones and memory figures;
 //! - `virtio`, `net`: the virtio-mmio transport, virtio-net and its backends;
-//! - [`snapshot`]: pause, snapshot to a directory, restore into a new machine.
+//! - [`snapshot`]: pause, snapshot to a directory, restore into a new machine;
+//! - [`seccomp`]: the vCPU and device threads' allowlists.
+//!
+//! What an embedder uses is re-exported here (the machine, its config, exit
+//! and metrics types); the modules stay public where a device, a backend or
+//! a test needs their parts. `kvm` and `persist` are internal.
 
 pub mod boot;
 pub mod bus;
 pub mod devices;
-pub mod kvm;
+pub(crate) mod kvm;
 pub mod layout;
 pub mod machine;
 pub mod metrics;
 pub mod net;
-pub mod persist;
+pub(crate) mod persist;
 pub mod seccomp;
 pub mod snapshot;
 #[cfg(any(test, feature = "test-utils"))]

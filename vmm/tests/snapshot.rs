@@ -294,7 +294,11 @@ fn two_vcpus_pause_snapshot_resume_and_stop_while_parked() {
     assert!(m.is_paused());
     let paused_at = console.bytes().len();
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(console.bytes().len(), paused_at, "a paused guest writes nothing");
+    assert_eq!(
+        console.bytes().len(),
+        paused_at,
+        "a paused guest writes nothing"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     m.snapshot(dir.path()).expect("snapshot of a paused VM");

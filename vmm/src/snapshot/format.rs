@@ -14,7 +14,7 @@
 //!   `header.memory_bytes` long. Restore maps it copy-on-write (`MAP_PRIVATE`).
 //!
 //! KVM structs are stored as their bytes, by kvm-bindings' `serde` feature
-//! ([`crate::kvm::blob::KvmBlob`]; `kvm_fpu` field by field, [`crate::kvm::blob::Fpu`]). The VMM's own device
+//! (`kvm/blob.rs`: `KvmBlob`; `kvm_fpu` field by field, `Fpu`). The VMM's own device
 //! state is plain JSON.
 //!
 //! What is *not* in a snapshot: the user-mode network stack (smoltcp) and

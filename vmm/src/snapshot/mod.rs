@@ -1,6 +1,6 @@
 //! Snapshot and restore: the orchestration (pause, save each piece, write
 //! the files; read them, build a machine, load each piece) and the file
-//! format ([`format`]). Each piece's state type and its save and restore
+//! format ([`format`](mod@format)). Each piece's state type and its save and restore
 //! live with their owner: a vCPU's in `crate::kvm::vcpu::state`, the VM's
 //! irqchip, PIT and clock in `crate::kvm::vm_state`, the virtio transport's
 //! in `crate::virtio::state` (saved and loaded by the transport). No other
@@ -13,7 +13,7 @@
 //! registers, LAPIC, MSRs (those of `KVM_GET_MSR_INDEX_LIST` the vCPU lets us
 //! read), MP state and pending events; VM-wide the PIC and IOAPIC, the PIT
 //! and the KVM clock; the UART; and guest RAM, one raw file (zero pages left
-//! as holes). The format is in [`format`].
+//! as holes). The format is in [`format`](mod@format).
 //!
 //! [`restore`] builds a new machine from such a directory: guest RAM is the
 //! snapshot's memory file mapped `MAP_PRIVATE` (copy-on-write: nothing is
