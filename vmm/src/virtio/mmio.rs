@@ -47,7 +47,9 @@ const MMIO_VERSION: u32 = 2;
 /// "OSSO".
 const VENDOR_ID: u32 = 0x4f53_534f;
 
-mod reg {
+/// Register offsets (virtio 1.2, 4.2.2).
+#[allow(missing_docs)]
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -692,18 +694,10 @@ pub(crate) mod tests {
         (MmioTransport::new(dev, mem).unwrap(), a, r)
     }
 
-    fn rd<D: VirtioDevice>(t: &mut MmioTransport<D>, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
+    use crate::testing::virtio::{mmio_read as rd, mmio_write as wr, negotiate, STATUS_UP};
 
-    fn wr<D: VirtioDevice>(t: &mut MmioTransport<D>, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    /// Configures queue `i` at the given addresses.
-    pub fn setup_queue<D: VirtioDevice>(
+    /// Configures queue `i` at the given addresses, ready.
+    fn setup_queue<D: VirtioDevice>(
         t: &mut MmioTransport<D>,
         i: u32,
         size: u32,
@@ -711,34 +705,8 @@ pub(crate) mod tests {
         avail: u64,
         used: u64,
     ) {
-        wr(t, reg::QUEUE_SEL, i);
-        wr(t, reg::QUEUE_NUM, size);
-        wr(t, reg::QUEUE_DESC_LOW, desc as u32);
-        wr(t, reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
-        wr(t, reg::QUEUE_DRIVER_LOW, avail as u32);
-        wr(t, reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
-        wr(t, reg::QUEUE_DEVICE_LOW, used as u32);
-        wr(t, reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
-        wr(t, reg::QUEUE_READY, 1);
+        crate::testing::virtio::setup_queue(t, i, size, [desc, avail, used], 1);
     }
-
-    /// Drives a transport through the normal Linux probe sequence.
-    pub fn negotiate<D: VirtioDevice>(t: &mut MmioTransport<D>, features: u64) {
-        wr(t, reg::STATUS, status::ACKNOWLEDGE);
-        wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        wr(t, reg::DRIVER_FEATURES_SEL, 0);
-        wr(t, reg::DRIVER_FEATURES, features as u32);
-        wr(t, reg::DRIVER_FEATURES_SEL, 1);
-        wr(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
-        wr(
-            t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-    }
-
-    pub const STATUS_UP: u32 =
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     #[test]
     fn identification_registers() {

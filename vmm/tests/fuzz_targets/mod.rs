@@ -42,7 +42,11 @@ use osso_vmm::devices::i8042::I8042;
 use osso_vmm::devices::serial::{ConsoleWriter, Serial};
 use osso_vmm::metrics::Timeline;
 use osso_vmm::net::{MacAddr, MAX_FRAME_LEN};
+use osso_vmm::testing::virtio::{
+    mmio_read as rd, mmio_write as wr, negotiate, setup_queue, SplitRing,
+};
 pub use osso_vmm::testing::TestBackend;
+use osso_vmm::virtio::mmio::reg;
 use osso_vmm::virtio::net::{NetMetrics, NetWorker, MAX_BUFFER_LEN, VNET_HDR_LEN};
 use osso_vmm::virtio::{Interrupt, MmioTransport, NetDevice};
 use osso_vmm::BusDevice;
@@ -134,54 +138,6 @@ fn fill_garbage(mem: &GuestMemoryMmap, ranges: &[(u64, usize)], seed: u64) {
     }
 }
 
-/// A split ring in guest memory, driven the way a well-behaved driver does.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
-}
-
-impl Ring {
-    fn clear(&self, mem: &GuestMemoryMmap) {
-        let z = vec![0u8; usize::from(self.size) * 16];
-        mem.write_slice(&z, GuestAddress(self.desc)).unwrap();
-        let z = vec![0u8; 6 + usize::from(self.size) * 8];
-        mem.write_slice(
-            &z[..4 + usize::from(self.size) * 2 + 2],
-            GuestAddress(self.avail),
-        )
-        .unwrap();
-        mem.write_slice(&z, GuestAddress(self.used)).unwrap();
-    }
-    fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write_slice(&d, GuestAddress(self.desc + u64::from(i) * 16))
-            .unwrap();
-    }
-    /// Publishes `head` as available entry number `n` (then idx = n + 1).
-    fn publish(&self, mem: &GuestMemoryMmap, n: u16, head: u16) {
-        let slot = self.avail + 4 + u64::from(n % self.size) * 2;
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        mem.write_obj(n.wrapping_add(1), GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-    fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
-        let a = self.used + 4 + u64::from(i % self.size) * 8;
-        (
-            mem.read_obj(GuestAddress(a)).unwrap(),
-            mem.read_obj(GuestAddress(a + 4)).unwrap(),
-        )
-    }
-}
-
 /// An Ethernet-sized frame with a recognisable pattern.
 fn pattern_frame(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -203,18 +159,6 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 // ---------------------------------------------------------------- mmio
-
-mod reg {
-    pub const STATUS: u64 = 0x70;
-    pub const MAGIC: u64 = 0x00;
-    pub const DRIVER_FEATURES: u64 = 0x20;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
-    pub const QUEUE_SEL: u64 = 0x30;
-    pub const QUEUE_NUM: u64 = 0x38;
-    pub const QUEUE_READY: u64 = 0x44;
-    pub const QUEUE_NOTIFY: u64 = 0x50;
-    pub const QUEUE_DESC_LOW: u64 = 0x80;
-}
 
 /// Guest RAM of the mmio and net targets: two regions with a hole between.
 const R0: (u64, usize) = (0, 0x10000);
@@ -304,39 +248,7 @@ fn mmio_op() -> impl Strategy<Value = MmioOp> {
     ]
 }
 
-fn wr(t: &mut MmioTransport<NetDevice>, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-fn rd(t: &mut MmioTransport<NetDevice>, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn setup_queue(t: &mut MmioTransport<NetDevice>, sel: u32, size: u32, a: [u64; 3], ready: u32) {
-    wr(t, reg::QUEUE_SEL, sel);
-    wr(t, reg::QUEUE_NUM, size);
-    for (k, v) in a.iter().enumerate() {
-        let base = reg::QUEUE_DESC_LOW + 0x10 * k as u64;
-        wr(t, base, *v as u32);
-        wr(t, base + 4, (*v >> 32) as u32);
-    }
-    wr(t, reg::QUEUE_READY, ready);
-}
-
 const FEATURES: u64 = (1 << 32) | (1 << 5);
-
-fn negotiate(t: &mut MmioTransport<NetDevice>) {
-    wr(t, reg::STATUS, 0);
-    wr(t, reg::STATUS, 1);
-    wr(t, reg::STATUS, 3);
-    wr(t, reg::DRIVER_FEATURES_SEL, 0);
-    wr(t, reg::DRIVER_FEATURES, FEATURES as u32);
-    wr(t, reg::DRIVER_FEATURES_SEL, 1);
-    wr(t, reg::DRIVER_FEATURES, (FEATURES >> 32) as u32);
-    wr(t, reg::STATUS, 11);
-}
 
 fn apply(t: &mut MmioTransport<NetDevice>, op: &MmioOp) {
     match op {
@@ -365,7 +277,7 @@ fn apply(t: &mut MmioTransport<NetDevice>, op: &MmioOp) {
         } => setup_queue(t, *sel, *size, [*desc, *avail, *used], *ready),
         MmioOp::Notify(q) => wr(t, reg::QUEUE_NOTIFY, *q),
         MmioOp::BringUp { sizes, addrs } => {
-            negotiate(t);
+            negotiate(t, FEATURES);
             setup_queue(t, 0, sizes[0], addrs[0], 1);
             setup_queue(t, 1, sizes[1], addrs[1], 1);
             wr(t, reg::STATUS, 15);
@@ -388,24 +300,14 @@ fn mmio_recovers(
     prop_assert_eq!(rd(t, reg::STATUS), 0);
     backend.inbox.lock().unwrap().clear();
     backend.sent.lock().unwrap().clear();
-    let rx = Ring {
-        desc: 0xa000,
-        avail: 0xb000,
-        used: 0xc000,
-        size: 16,
-    };
-    let tx = Ring {
-        desc: 0xd000,
-        avail: 0xe000,
-        used: 0xf000,
-        size: 16,
-    };
-    rx.clear(mem);
-    tx.clear(mem);
-    negotiate(t);
+    let rx = SplitRing::new(mem, (0xa000, 0xb000, 0xc000), 16);
+    let tx = SplitRing::new(mem, (0xd000, 0xe000, 0xf000), 16);
+    rx.clear_descriptors();
+    tx.clear_descriptors();
+    negotiate(t, FEATURES);
     prop_assert_eq!(rd(t, reg::STATUS), 11, "FEATURES_OK accepted");
-    setup_queue(t, 0, 16, [rx.desc, rx.avail, rx.used], 1);
-    setup_queue(t, 1, 16, [tx.desc, tx.avail, tx.used], 1);
+    setup_queue(t, 0, 16, rx.addrs(), 1);
+    setup_queue(t, 1, 16, tx.addrs(), 1);
     wr(t, reg::STATUS, 15);
     prop_assert!(t.is_activated(), "a clean bring-up after garbage activates");
     // Transmit.
@@ -414,8 +316,8 @@ fn mmio_recovers(
         .unwrap();
     mem.write_slice(&f, GuestAddress(0x9000 + VNET_HDR_LEN as u64))
         .unwrap();
-    tx.set_desc(mem, 0, 0x9000, (VNET_HDR_LEN + f.len()) as u32, 0, 0);
-    tx.publish(mem, 0, 0);
+    tx.set_desc(0, 0x9000, (VNET_HDR_LEN + f.len()) as u32, 0, 0);
+    tx.publish(0, 0);
     wr(t, reg::QUEUE_NOTIFY, 1);
     prop_assert!(
         wait_until(Duration::from_secs(5), || backend
@@ -428,15 +330,15 @@ fn mmio_recovers(
     );
     // Receive.
     let g = pattern_frame(90, 9);
-    rx.set_desc(mem, 0, 0x9800, 2048, 2, 0);
-    rx.publish(mem, 0, 0);
+    rx.set_desc(0, 0x9800, 2048, 2, 0);
+    rx.publish(0, 0);
     wr(t, reg::QUEUE_NOTIFY, 0);
     backend.push(g.clone());
     prop_assert!(
-        wait_until(Duration::from_secs(5), || rx.used_idx(mem) == 1),
+        wait_until(Duration::from_secs(5), || rx.used_idx() == 1),
         "a frame after the storm is received"
     );
-    prop_assert_eq!(rx.used_elem(mem, 0), (0, (VNET_HDR_LEN + g.len()) as u32));
+    prop_assert_eq!(rx.used_elem(0), (0, (VNET_HDR_LEN + g.len()) as u32));
     let mut got = vec![0u8; g.len()];
     mem.read_slice(&mut got, GuestAddress(0x9800 + VNET_HDR_LEN as u64))
         .unwrap();
@@ -597,49 +499,32 @@ fn net_input() -> impl Strategy<Value = NetInput> {
     })
 }
 
-fn make_queue(mem: &GuestMemoryMmap, ring: &Ring) -> virtio_queue::Queue {
+fn make_queue(mem: &GuestMemoryMmap, ring: &SplitRing) -> virtio_queue::Queue {
     use virtio_queue::QueueT;
-    let mut q = virtio_queue::Queue::new(256).unwrap();
-    q.try_set_size(ring.size).unwrap();
-    q.try_set_desc_table_address(GuestAddress(ring.desc))
-        .unwrap();
-    q.try_set_avail_ring_address(GuestAddress(ring.avail))
-        .unwrap();
-    q.try_set_used_ring_address(GuestAddress(ring.used))
-        .unwrap();
-    q.set_ready(true);
+    let q = ring.queue();
     assert!(q.is_valid(mem));
     q
 }
 
-/// Writes the guest's side of one queue; returns the ring.
-fn lay_out(mem: &GuestMemoryMmap, at: (u64, u64, u64), q: &QueueInput) -> Ring {
-    let ring = Ring {
-        desc: at.0,
-        avail: at.1,
-        used: at.2,
-        size: 1u16 << q.size_log2,
-    };
-    for (i, d) in q.descs.iter().enumerate().take(usize::from(ring.size)) {
-        ring.set_desc(mem, i as u16, d.addr, d.len, d.flags, d.next);
+/// Writes the guest's side of one queue (the rings' flags and indices start
+/// at 0, as a driver leaves them); returns the ring.
+fn lay_out<'a>(mem: &'a GuestMemoryMmap, at: (u64, u64, u64), q: &QueueInput) -> SplitRing<'a> {
+    let ring = SplitRing::new(mem, at, 1u16 << q.size_log2);
+    for (i, d) in q.descs.iter().enumerate().take(usize::from(ring.size())) {
+        ring.set_desc(i as u16, d.addr, d.len, d.flags, d.next);
         // Frame-ish contents where the buffer is in RAM (ignored if not).
         let n = (d.len as usize).min(64);
         let _ = mem.write_slice(&pattern_frame(n, q.payload_seed), GuestAddress(d.addr));
     }
-    // used->flags/idx start at 0 as a driver leaves them; avail flags 0.
-    mem.write_obj(0u32, GuestAddress(ring.used)).unwrap();
-    mem.write_obj(0u16, GuestAddress(ring.avail)).unwrap();
     ring
 }
 
 /// Publishes entries `from..to` of `q.avail`.
-fn publish_range(mem: &GuestMemoryMmap, ring: &Ring, q: &QueueInput, from: usize, to: usize) {
+fn publish_range(ring: &SplitRing, q: &QueueInput, from: usize, to: usize) {
     for n in from..to {
-        let slot = ring.avail + 4 + (n as u64 % u64::from(ring.size)) * 2;
-        mem.write_obj(q.avail[n], GuestAddress(slot)).unwrap();
+        ring.set_avail(n as u16, q.avail[n]);
     }
-    let idx = q.raw_idx.unwrap_or(to as u16);
-    mem.write_obj(idx, GuestAddress(ring.avail + 2)).unwrap();
+    ring.set_avail_idx(q.raw_idx.unwrap_or(to as u16));
 }
 
 /// Sum of buffer lengths of the chain at `head`, walking descriptors as the
@@ -664,14 +549,13 @@ fn chain_capacity(q: &QueueInput, size: u16, head: u16) -> u64 {
 }
 
 fn check_used(
-    mem: &GuestMemoryMmap,
-    ring: &Ring,
+    ring: &SplitRing,
     q: &QueueInput,
     published: usize,
     is_tx: bool,
     hostile: bool,
 ) -> Result<(), TestCaseError> {
-    let used = ring.used_idx(mem);
+    let used = ring.used_idx();
     if hostile {
         // The guest may have had the device write over the used ring itself.
         return Ok(());
@@ -683,19 +567,19 @@ fn check_used(
         used,
         published
     );
-    for i in 0..used.min(ring.size) {
-        let (id, len) = ring.used_elem(mem, i);
+    for i in 0..used.min(ring.size()) {
+        let (id, len) = ring.used_elem(i);
         prop_assert!(
-            id < u32::from(ring.size),
+            id < u32::from(ring.size()),
             "used id {} in a {}-entry queue",
             id,
-            ring.size
+            ring.size()
         );
         prop_assert!(len as usize <= MAX_BUFFER_LEN, "used len {}", len);
         if is_tx {
             prop_assert_eq!(len, 0, "tx used length");
         } else {
-            let cap = chain_capacity(q, ring.size, id as u16);
+            let cap = chain_capacity(q, ring.size(), id as u16);
             prop_assert!(
                 u64::from(len) <= cap,
                 "used len {} > chain capacity {}",
@@ -716,20 +600,10 @@ fn net_recovers(
 ) -> Result<(), TestCaseError> {
     backend.inbox.lock().unwrap().clear();
     backend.sent.lock().unwrap().clear();
-    let rx = Ring {
-        desc: RX_RING.0,
-        avail: RX_RING.1,
-        used: RX_RING.2,
-        size: 16,
-    };
-    let tx = Ring {
-        desc: TX_RING.0,
-        avail: TX_RING.1,
-        used: TX_RING.2,
-        size: 16,
-    };
-    rx.clear(mem);
-    tx.clear(mem);
+    let rx = SplitRing::new(mem, (RX_RING.0, RX_RING.1, RX_RING.2), 16);
+    let tx = SplitRing::new(mem, (TX_RING.0, TX_RING.1, TX_RING.2), 16);
+    rx.clear_descriptors();
+    tx.clear_descriptors();
     let mut w = NetWorker::new(
         mem.clone(),
         make_queue(mem, &rx),
@@ -746,17 +620,17 @@ fn net_recovers(
         .unwrap();
     mem.write_slice(&f, GuestAddress(0x8000 + VNET_HDR_LEN as u64))
         .unwrap();
-    tx.set_desc(mem, 0, 0x8000, (VNET_HDR_LEN + f.len()) as u32, 0, 0);
-    tx.publish(mem, 0, 0);
+    tx.set_desc(0, 0x8000, (VNET_HDR_LEN + f.len()) as u32, 0, 0);
+    tx.publish(0, 0);
     prop_assert_eq!(w.process_tx(), 1);
     let last = backend.sent.lock().unwrap().last().cloned();
     prop_assert_eq!(last, Some(f));
     let g = pattern_frame(70, 2);
     backend.push(g.clone());
-    rx.set_desc(mem, 0, 0x9000, 1600, 2, 0);
-    rx.publish(mem, 0, 0);
+    rx.set_desc(0, 0x9000, 1600, 2, 0);
+    rx.publish(0, 0);
     prop_assert_eq!(w.process_rx(), 1);
-    prop_assert_eq!(rx.used_elem(mem, 0), (0, (VNET_HDR_LEN + g.len()) as u32));
+    prop_assert_eq!(rx.used_elem(0), (0, (VNET_HDR_LEN + g.len()) as u32));
     let mut got = vec![0u8; g.len()];
     mem.read_slice(&mut got, GuestAddress(0x9000 + VNET_HDR_LEN as u64))
         .unwrap();
@@ -792,15 +666,15 @@ pub fn net(cases: u32) -> u64 {
         for r in 1..=rounds {
             let nrx = input.rx.avail.len() * r / rounds;
             let ntx = input.tx.avail.len() * r / rounds;
-            publish_range(&mem, &rx, &input.rx, prx, nrx);
-            publish_range(&mem, &tx, &input.tx, ptx, ntx);
+            publish_range(&rx, &input.rx, prx, nrx);
+            publish_range(&tx, &input.tx, ptx, ntx);
             prx = nrx;
             ptx = ntx;
             w.process_tx();
             w.process_rx();
         }
-        check_used(&mem, &rx, &input.rx, prx, false, input.hostile)?;
-        check_used(&mem, &tx, &input.tx, ptx, true, input.hostile)?;
+        check_used(&rx, &input.rx, prx, false, input.hostile)?;
+        check_used(&tx, &input.tx, ptx, true, input.hostile)?;
         for f in backend.sent.lock().unwrap().iter() {
             prop_assert!(
                 f.len() >= 14 && f.len() <= MAX_FRAME_LEN,
@@ -1012,41 +886,31 @@ pub fn bring_up_and_exchange(
     mem: &GuestMemoryMmap,
     frame: &[u8],
 ) -> Option<Vec<u8>> {
-    let rx = Ring {
-        desc: 0xa000,
-        avail: 0xb000,
-        used: 0xc000,
-        size: 16,
-    };
-    let tx = Ring {
-        desc: 0xd000,
-        avail: 0xe000,
-        used: 0xf000,
-        size: 16,
-    };
-    rx.clear(mem);
-    tx.clear(mem);
-    negotiate(t);
-    setup_queue(t, 0, 16, [rx.desc, rx.avail, rx.used], 1);
-    setup_queue(t, 1, 16, [tx.desc, tx.avail, tx.used], 1);
+    let rx = SplitRing::new(mem, (0xa000, 0xb000, 0xc000), 16);
+    let tx = SplitRing::new(mem, (0xd000, 0xe000, 0xf000), 16);
+    rx.clear_descriptors();
+    tx.clear_descriptors();
+    negotiate(t, FEATURES);
+    setup_queue(t, 0, 16, rx.addrs(), 1);
+    setup_queue(t, 1, 16, tx.addrs(), 1);
     wr(t, reg::STATUS, 15);
     if !t.is_activated() {
         return None;
     }
-    rx.set_desc(mem, 0, 0x9800, 2048, 2, 0);
-    rx.publish(mem, 0, 0);
+    rx.set_desc(0, 0x9800, 2048, 2, 0);
+    rx.publish(0, 0);
     wr(t, reg::QUEUE_NOTIFY, 0);
     mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(0x9000))
         .ok()?;
     mem.write_slice(frame, GuestAddress(0x9000 + VNET_HDR_LEN as u64))
         .ok()?;
-    tx.set_desc(mem, 0, 0x9000, (VNET_HDR_LEN + frame.len()) as u32, 0, 0);
-    tx.publish(mem, 0, 0);
+    tx.set_desc(0, 0x9000, (VNET_HDR_LEN + frame.len()) as u32, 0, 0);
+    tx.publish(0, 0);
     wr(t, reg::QUEUE_NOTIFY, 1);
-    if !wait_until(Duration::from_secs(10), || rx.used_idx(mem) == 1) {
+    if !wait_until(Duration::from_secs(10), || rx.used_idx() == 1) {
         return None;
     }
-    let (_, len) = rx.used_elem(mem, 0);
+    let (_, len) = rx.used_elem(0);
     let n = (len as usize).checked_sub(VNET_HDR_LEN)?;
     let mut got = vec![0u8; n];
     mem.read_slice(&mut got, GuestAddress(0x9800 + VNET_HDR_LEN as u64))

@@ -2,85 +2,68 @@
 //! built by hand, including a hostile guest's chains.
 
 use super::*;
+use crate::testing::virtio::{negotiate, setup_queue, SplitRing, STATUS_UP};
 use crate::testing::TestBackend;
 use crate::virtio::chain::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use crate::virtio::mmio::tests::{negotiate, setup_queue, STATUS_UP};
 use crate::virtio::MmioTransport;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use virtio_queue::desc::split::Descriptor;
 
 const MEM_SIZE: usize = 0x40_0000; // 4 MiB
 const QSIZE: u16 = 16;
 
-/// A split ring laid out in guest memory at `base`.
-struct Ring {
-    mem: GuestMemoryMmap,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
+/// A split ring at `base` (table, then the available and used rings a page
+/// apart), driven as a well-behaved driver does: chains take the next free
+/// descriptors and are published in order. Built on [`SplitRing`]
+/// (virtio-queue's mock).
+struct Ring<'a> {
+    ring: SplitRing<'a>,
+    base: u64,
     avail_idx: u16,
     next_desc: u16,
 }
 
-impl Ring {
-    fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
+impl<'a> Ring<'a> {
+    fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
         Self {
-            mem: mem.clone(),
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            size,
+            ring: SplitRing::new(mem, (base, base + 0x1000, base + 0x2000), size),
+            base,
             avail_idx: 0,
             next_desc: 0,
         }
     }
 
+    /// Descriptor table, available ring, used ring.
+    fn addrs(&self) -> [u64; 3] {
+        [self.base, self.base + 0x1000, self.base + 0x2000]
+    }
+
     fn queue(&self) -> Queue {
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.try_set_size(self.size).unwrap();
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used))
-            .unwrap();
-        q.set_ready(true);
-        assert!(q.is_valid(&self.mem));
-        q
+        self.ring.queue()
     }
 
     fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u32, next: u16) {
-        self.mem
-            .write_obj(
-                Descriptor::new(addr, len, flags as u16, next),
-                GuestAddress(self.desc + u64::from(i) * 16),
-            )
-            .unwrap();
+        self.ring.set_desc(i, addr, len, flags as u16, next);
     }
 
     /// Publishes `head` in the available ring.
     fn publish(&mut self, head: u16) {
-        let slot = self.avail + 4 + u64::from(self.avail_idx % self.size) * 2;
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.ring.publish(self.avail_idx, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(self.avail_idx);
     }
 
     fn set_avail_idx(&self, idx: u16) {
-        self.mem
-            .write_obj(idx, GuestAddress(self.avail + 2))
-            .unwrap();
+        self.ring.set_avail_idx(idx);
     }
 
     /// Builds a chain of buffers `(addr, len)` with `flags` on each and
     /// publishes it. Returns the head.
     fn add_chain(&mut self, bufs: &[(u64, u32)], write: bool) -> u16 {
+        let size = self.ring.size();
         let head = self.next_desc;
         for (k, &(addr, len)) in bufs.iter().enumerate() {
             let i = self.next_desc;
-            self.next_desc = (self.next_desc + 1) % self.size;
+            self.next_desc = (self.next_desc + 1) % size;
             let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
             if k + 1 < bufs.len() {
                 flags |= VRING_DESC_F_NEXT;
@@ -92,32 +75,31 @@ impl Ring {
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        self.ring.used_idx()
     }
 
     /// (id, len) of used element `i`.
     fn used_elem(&self, i: u16) -> (u32, u32) {
-        let a = self.used + 4 + u64::from(i % self.size) * 8;
-        (
-            self.mem.read_obj(GuestAddress(a)).unwrap(),
-            self.mem.read_obj(GuestAddress(a + 4)).unwrap(),
-        )
+        self.ring.used_elem(i)
     }
 }
 
-struct Fixture {
-    mem: GuestMemoryMmap,
-    rx: Ring,
-    tx: Ring,
+fn guest_mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+struct Fixture<'a> {
+    mem: &'a GuestMemoryMmap,
+    rx: Ring<'a>,
+    tx: Ring<'a>,
     backend: TestBackend,
     interrupt: Arc<Interrupt>,
     worker: NetWorker,
 }
 
-fn fixture() -> Fixture {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let rx = Ring::new(&mem, 0x10000, QSIZE);
-    let tx = Ring::new(&mem, 0x20000, QSIZE);
+fn fixture(mem: &GuestMemoryMmap) -> Fixture<'_> {
+    let rx = Ring::new(mem, 0x10000, QSIZE);
+    let tx = Ring::new(mem, 0x20000, QSIZE);
     let backend = TestBackend::new();
     let interrupt = Arc::new(Interrupt::new().unwrap());
     let worker = NetWorker::new(
@@ -163,9 +145,10 @@ fn irq_fired(i: &Interrupt) -> bool {
 
 #[test]
 fn tx_frame_reaches_backend() {
-    let mut f = fixture();
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
     let fr = frame(100, 1);
-    let len = put_tx(&f.mem, 0x100000, &fr);
+    let len = put_tx(f.mem, 0x100000, &fr);
     let head = f.tx.add_chain(&[(0x100000, len)], false);
     // A second frame split across three descriptors, header alone first.
     let fr2 = frame(300, 2);
@@ -199,7 +182,8 @@ fn tx_frame_reaches_backend() {
 
 #[test]
 fn rx_frame_lands_in_guest_buffers() {
-    let mut f = fixture();
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
     // A frame arrives before any buffer: kept.
     let fr = frame(1000, 3);
     f.backend.push(fr.clone());
@@ -246,7 +230,8 @@ fn rx_frame_lands_in_guest_buffers() {
 
 #[test]
 fn rx_buffer_too_small_drops_frame_keeps_buffer() {
-    let mut f = fixture();
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
     f.rx.add_chain(&[(0x200000, 100)], true);
     f.backend.push(frame(500, 1)); // too big for 100 bytes
     f.backend.push(frame(50, 2)); // fits
@@ -267,8 +252,9 @@ fn rx_buffer_too_small_drops_frame_keeps_buffer() {
 
 #[test]
 fn hostile_tx_chains_refused_and_counted() {
-    let mut f = fixture();
-    let good = put_tx(&f.mem, 0x100000, &frame(64, 9));
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
+    let good = put_tx(f.mem, 0x100000, &frame(64, 9));
     // 0: loop 0 -> 1 -> 0.
     f.tx.set_desc(0, 0x100000, good, VRING_DESC_F_NEXT, 1);
     f.tx.set_desc(1, 0x100000, 16, VRING_DESC_F_NEXT, 0);
@@ -328,8 +314,9 @@ fn hostile_tx_chains_refused_and_counted() {
 
 #[test]
 fn hostile_avail_ring_overrun() {
-    let mut f = fixture();
-    let good = put_tx(&f.mem, 0x100000, &frame(64, 9));
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
+    let good = put_tx(f.mem, 0x100000, &frame(64, 9));
     f.tx.set_desc(0, 0x100000, good, 0, 0);
     // The driver claims 1000 new entries in a 16-entry queue.
     f.tx.set_avail_idx(1000);
@@ -349,7 +336,8 @@ fn hostile_avail_ring_overrun() {
 
 #[test]
 fn hostile_rx_chains_refused_and_counted() {
-    let mut f = fixture();
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
     f.backend.push(frame(60, 5));
     // Read-only buffer in an rx chain.
     f.rx.set_desc(0, 0x200000, 1526, 0, 0);
@@ -375,7 +363,8 @@ fn hostile_rx_chains_refused_and_counted() {
 
 #[test]
 fn more_descriptors_than_queue_size() {
-    let mut f = fixture();
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
     // A chain visiting every descriptor and then looping back: longer than
     // the queue, refused without reading past QSIZE descriptors.
     for i in 0..QSIZE {
@@ -389,7 +378,7 @@ fn more_descriptors_than_queue_size() {
 
 #[test]
 fn device_thread_end_to_end_through_transport() {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_mem();
     let backend = TestBackend::new();
     let mac = MacAddr([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
     let dev = NetDevice::new(mac, Box::new(backend.clone()));
@@ -403,8 +392,8 @@ fn device_thread_end_to_end_through_transport() {
         g.read(0x100, &mut m);
         assert_eq!(m, mac.0);
         negotiate(&mut *g, (1 << 32) | (1 << 5));
-        setup_queue(&mut *g, 0, u32::from(QSIZE), rx.desc, rx.avail, rx.used);
-        setup_queue(&mut *g, 1, u32::from(QSIZE), tx.desc, tx.avail, tx.used);
+        setup_queue(&mut *g, 0, u32::from(QSIZE), rx.addrs(), 1);
+        setup_queue(&mut *g, 1, u32::from(QSIZE), tx.addrs(), 1);
         let mut b = [0u8; 4];
         g.write(0x70, &STATUS_UP.to_le_bytes());
         g.read(0x70, &mut b);
@@ -467,11 +456,10 @@ fn device_thread_end_to_end_through_transport() {
         rx = Ring::new(&mem, 0x10000, QSIZE);
         tx = Ring::new(&mem, 0x20000, QSIZE);
         for r in [&rx, &tx] {
-            mem.write_slice(&[0u8; 0x3000], GuestAddress(r.desc))
-                .unwrap();
+            r.ring.clear_descriptors();
         }
-        setup_queue(&mut *g, 0, u32::from(QSIZE), rx.desc, rx.avail, rx.used);
-        setup_queue(&mut *g, 1, u32::from(QSIZE), tx.desc, tx.avail, tx.used);
+        setup_queue(&mut *g, 0, u32::from(QSIZE), rx.addrs(), 1);
+        setup_queue(&mut *g, 1, u32::from(QSIZE), tx.addrs(), 1);
         g.write(0x70, &STATUS_UP.to_le_bytes());
         assert!(g.device().is_running());
     }
@@ -493,7 +481,7 @@ fn device_with_user_network_answers_arp() {
     use crate::net::user::{UserNet, UserNetConfig, GATEWAY_IP, GATEWAY_MAC};
     use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame};
 
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_mem();
     let (backend, handle) = UserNet::start(UserNetConfig::default()).unwrap();
     let guest_mac = MacAddr::DEFAULT_GUEST;
     let dev = NetDevice::new(guest_mac, Box::new(backend));
@@ -502,8 +490,8 @@ fn device_with_user_network_answers_arp() {
     let mut rx = Ring::new(&mem, 0x10000, QSIZE);
     let mut tx = Ring::new(&mem, 0x20000, QSIZE);
     negotiate(&mut t, (1 << 32) | (1 << 5));
-    setup_queue(&mut t, 0, u32::from(QSIZE), rx.desc, rx.avail, rx.used);
-    setup_queue(&mut t, 1, u32::from(QSIZE), tx.desc, tx.avail, tx.used);
+    setup_queue(&mut t, 0, u32::from(QSIZE), rx.addrs(), 1);
+    setup_queue(&mut t, 1, u32::from(QSIZE), tx.addrs(), 1);
     t.write(0x70, &STATUS_UP.to_le_bytes());
     for k in 0..4 {
         rx.add_chain(&[(0x200000 + k * 0x1000, 1526)], true);
@@ -584,7 +572,7 @@ fn device_with_tap_in_private_netns_answers_arp() {
             }
         }
 
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = guest_mem();
         let guest_mac = MacAddr::DEFAULT_GUEST;
         let dev = NetDevice::new(guest_mac, Box::new(tap));
         let metrics = dev.metrics();
@@ -592,8 +580,8 @@ fn device_with_tap_in_private_netns_answers_arp() {
         let mut rx = Ring::new(&mem, 0x10000, QSIZE);
         let mut tx = Ring::new(&mem, 0x20000, QSIZE);
         negotiate(&mut t, (1 << 32) | (1 << 5));
-        setup_queue(&mut t, 0, u32::from(QSIZE), rx.desc, rx.avail, rx.used);
-        setup_queue(&mut t, 1, u32::from(QSIZE), tx.desc, tx.avail, tx.used);
+        setup_queue(&mut t, 0, u32::from(QSIZE), rx.addrs(), 1);
+        setup_queue(&mut t, 1, u32::from(QSIZE), tx.addrs(), 1);
         t.write(0x70, &STATUS_UP.to_le_bytes());
         for k in 0..QSIZE {
             rx.add_chain(&[(0x200000 + u64::from(k) * 0x1000, 1526)], true);
@@ -650,7 +638,8 @@ fn device_with_tap_in_private_netns_answers_arp() {
 
 #[test]
 fn rx_chain_larger_than_any_frame_is_fine() {
-    let mut f = fixture();
+    let mem = guest_mem();
+    let mut f = fixture(&mem);
     // 128 KiB of receive buffer (more than MAX_BUFFER_LEN), all in memory.
     f.rx.add_chain(&[(0x200000, 0x10000), (0x210000, 0x10000)], true);
     f.backend.push(frame(1514, 6));

@@ -4,7 +4,11 @@
 //! instead of Linux: print a message on COM1, optionally signal ready through
 //! the boot timer, then reset, halt or spin. Used by the SDK's tests and the
 //! boot benchmark, and useful to embedders who want to exercise the VMM alone.
-//! Also [`TestBackend`], a network backend the tests drive by hand.
+//! Also [`TestBackend`], a network backend the tests drive by hand, and
+//! [`virtio`], the driver's side of virtio (split rings on virtio-queue's
+//! mock, the virtio-mmio probe sequence).
+
+pub mod virtio;
 
 use std::collections::VecDeque;
 use std::io;
