@@ -32,14 +32,11 @@ pub(crate) struct KernelRun {
     pub(crate) guest_resident: Option<f64>,
 }
 
-/// A console sink recording the first byte's time (us from `start`).
+/// A console sink recording the first byte's time (us from `start`). Lines
+/// come from the VMM (`VmConfig::console_lines`), which cuts them once.
 struct FirstByte {
     start: Instant,
     first: Arc<AtomicU64>,
-    /// Microseconds from `start` to the ONLINE line (u64::MAX: not yet).
-    online: Arc<AtomicU64>,
-    line: Vec<u8>,
-    last_line: Arc<std::sync::Mutex<String>>,
 }
 
 impl Write for FirstByte {
@@ -47,20 +44,6 @@ impl Write for FirstByte {
         if !buf.is_empty() && self.first.load(Ordering::Relaxed) == u64::MAX {
             let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
             self.first.store(us, Ordering::Relaxed);
-        }
-        for &b in buf {
-            if b == b'\n' {
-                let l = String::from_utf8_lossy(&self.line).trim_end().to_string();
-                if l.contains(ONLINE_LINE) && self.online.load(Ordering::Relaxed) == u64::MAX {
-                    let us =
-                        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
-                    self.online.store(us, Ordering::Relaxed);
-                }
-                *self.last_line.lock().unwrap_or_else(|p| p.into_inner()) = l;
-                self.line.clear();
-            } else if self.line.len() < 512 {
-                self.line.push(b);
-            }
         }
         Ok(buf.len())
     }
@@ -89,10 +72,17 @@ fn osso_kernel_run(
     vmc.console = Box::new(FirstByte {
         start,
         first: first.clone(),
-        online: online.clone(),
-        line: Vec::new(),
-        last_line: last_line.clone(),
     });
+    {
+        let (online, last_line) = (online.clone(), last_line.clone());
+        vmc.console_lines = Some(Box::new(move |line: &str| {
+            if line.contains(ONLINE_LINE) && online.load(Ordering::Relaxed) == u64::MAX {
+                let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+                online.store(us, Ordering::Relaxed);
+            }
+            *last_line.lock().unwrap_or_else(|p| p.into_inner()) = line.trim_end().to_string();
+        }));
+    }
     let mut builder = MachineBuilder::new(vmc).map_err(|e| e.to_string())?;
     let net_config = NetConfig {
         mac: MacAddr::random_local(),
