@@ -1,6 +1,9 @@
 //! [`Config`]: everything about a VM a caller can choose, with a builder and
 //! sensible defaults (the default Osso image, 128 MiB, 1 vCPU, the user-mode
-//! network with no egress, console captured, ready when `/init` signals it).
+//! network with no egress, console captured, ready when `/init` signals it),
+//! and the one place it becomes the VMM's configuration: a `VmConfig` for a
+//! boot, `RestoreOptions` for a restore, a `NetConfig` for the network. The
+//! checks are the VMM's own rules, run before anything starts.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -186,6 +189,44 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The VMM's configuration for booting `kernel` and `initrd`: console
+    /// lines to `lines`, the boot clock from `start`.
+    pub(crate) fn vm_config(
+        &self,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        lines: osso_vmm::ConsoleLines,
+        start: std::time::Instant,
+    ) -> osso_vmm::VmConfig {
+        let mut vmc = osso_vmm::VmConfig::new(osso_vmm::BootSource::Kernel { kernel, initrd });
+        vmc.mem_mib = self.mem_mib;
+        vmc.vcpus = self.vcpus;
+        vmc.cmdline_extra = (!self.cmdline_extra.is_empty()).then(|| self.cmdline_extra.join(" "));
+        vmc.timeout = self.lifetime;
+        vmc.console_lines = Some(lines);
+        vmc.start = Some(start);
+        vmc.seccomp = self.seccomp;
+        vmc
+    }
+
+    /// The VMM's options for a restore (the host side only: RAM, vCPUs and
+    /// kernel come from the snapshot).
+    pub(crate) fn restore_options(
+        &self,
+        lines: osso_vmm::ConsoleLines,
+        start: std::time::Instant,
+    ) -> osso_vmm::snapshot::RestoreOptions {
+        osso_vmm::snapshot::RestoreOptions {
+            console: Box::new(std::io::sink()),
+            console_lines: Some(lines),
+            console_input: None,
+            timeout: self.lifetime,
+            start: Some(start),
+            seccomp: self.seccomp,
+            net: Some(self.net_config()),
+        }
     }
 
     /// The VMM's network configuration (a fresh locally administered MAC per VM).

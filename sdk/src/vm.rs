@@ -11,9 +11,9 @@ use osso_vmm::metrics::{
     guest_mapping_usage, memory_figures, process_rss_bytes, vmm_rss_since, Timeline,
 };
 use osso_vmm::net::UserNetHandle;
-use osso_vmm::snapshot::{self, RestoreOptions};
+use osso_vmm::snapshot;
 use osso_vmm::AttachedNet;
-use osso_vmm::{BootSource, Machine, MachineBuilder, StopHandle, VmConfig};
+use osso_vmm::{Machine, MachineBuilder, StopHandle};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Config, ReadyWhen};
@@ -105,17 +105,12 @@ pub(crate) fn spawn_files(
     };
     let signal = Arc::new(Signal::default());
     let console = Console::new(config.console_limit, config.echo_console, signal.clone());
-    let mut vmc = VmConfig::new(BootSource::Kernel {
-        kernel: files.kernel,
-        initrd: files.initrd,
-    });
-    vmc.mem_mib = config.mem_mib;
-    vmc.vcpus = config.vcpus;
-    vmc.cmdline_extra = (!config.cmdline_extra.is_empty()).then(|| config.cmdline_extra.join(" "));
-    vmc.timeout = config.lifetime;
-    vmc.console_lines = Some(console.line_sink());
-    vmc.start = Some(clock.vmm_start);
-    vmc.seccomp = config.seccomp;
+    let vmc = config.vm_config(
+        files.kernel,
+        files.initrd,
+        console.line_sink(),
+        clock.vmm_start,
+    );
     let mut builder = MachineBuilder::new(vmc).map_err(Error::vmm)?;
     observe_milestones(&builder.timeline(), &signal);
     builder
@@ -178,15 +173,7 @@ pub fn restore(dir: impl AsRef<Path>, config: Config) -> Result<Vm, Error> {
     config.validate_host_side()?;
     let signal = Arc::new(Signal::default());
     let console = Console::new(config.console_limit, config.echo_console, signal.clone());
-    let opts = RestoreOptions {
-        console: Box::new(std::io::sink()),
-        console_lines: Some(console.line_sink()),
-        console_input: None,
-        timeout: config.lifetime,
-        start: Some(started),
-        seccomp: config.seccomp,
-        net: Some(config.net_config()),
-    };
+    let opts = config.restore_options(console.line_sink(), started);
     let machine = snapshot::restore(dir, opts).map_err(Error::snapshot)?;
     // The vCPUs already run: a milestone recorded before this is read from
     // the timeline by wait_ready, which checks before it waits.
