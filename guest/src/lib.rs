@@ -19,6 +19,7 @@ pub mod error;
 pub mod image_dir;
 pub mod initramfs;
 pub mod kernel;
+pub mod klog;
 pub mod manifest;
 pub mod qemu;
 pub mod sources;
