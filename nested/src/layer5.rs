@@ -63,6 +63,7 @@ pub fn named_checks() -> Vec<Spec> {
     vec![
         test("cli_init_online", "osso-vmm", "cli", "cli_boots_the_image_and_init_goes_online", 600),
         test("boot_timer_spawn_to_ready", sdk, "userspace", "boot_timer_spawn_to_ready", 600),
+        test("quiet_kernel_keeps_the_timeline", sdk, "userspace", "quiet_kernel_keeps_the_timeline", 600),
         test("spawn_default_readiness", sdk, "userspace", "spawn_default_readiness", 600),
         test("run_job_exit_status", sdk, "userspace", "run_job_exit_status", 600),
         test("run_job_one_mib", sdk, "userspace", "run_job_one_mib", 1200),

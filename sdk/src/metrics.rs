@@ -7,8 +7,10 @@
 //!   machine builds it) and, for `run`, appending the job.
 //! - Boot time counts from the VMM's start (the boot clock starts there, after
 //!   image preparation): VMM setup ends at the first `KVM_RUN`, the kernel
-//!   phase at the console line `Run /init as init process`, the init phase at
-//!   the guest's write of 123 to the boot-timer device (the guest is ready).
+//!   phase when `/init` starts (the kernel's console line `Run /init as init
+//!   process`, or `/init`'s write of 1 to the boot-timer device when the
+//!   kernel is quiet: the first of the two), the init phase at the guest's
+//!   write of 123 to the boot-timer device (the guest is ready).
 //!   A restored VM's clock starts at the call to [`crate::restore`].
 //! - Memory: the process RSS is taken just before the VMM starts on this VM
 //!   (the baseline: the application, an image build that ran first, other

@@ -214,6 +214,52 @@ fn boot_timer_spawn_to_ready() {
     assert_eq!(vm.kill().reason, ExitReason::Stopped);
 }
 
+/// The VMM's timeline needs no console line: with the kernel quiet (no
+/// `Run /init as init process` on the console), `/init`'s write of 1 to the
+/// boot timer marks init started, and its 123 marks ready.
+#[test]
+fn quiet_kernel_keeps_the_timeline() {
+    const T: &str = "quiet_kernel_keeps_the_timeline";
+    let Some(image) = prerequisites(T) else {
+        return;
+    };
+    let _one = serial();
+    let vm = osso_sdk::spawn(
+        image
+            .config()
+            .cmdline("quiet osso.stay")
+            .ready_when(ReadyWhen::BootTimer)
+            .build(),
+    )
+    .expect("spawn a quiet kernel until /init writes the boot timer");
+    let m = vm.metrics();
+    eprintln!("{T}: {m}");
+    assert!(
+        wait_for_line(&vm, STAYING, BOOT),
+        "/init ran and stays up:\n{}",
+        tail(&vm)
+    );
+    assert!(
+        !vm.console().contains("Run /init as init process"),
+        "the kernel was quiet:\n{}",
+        tail(&vm)
+    );
+    let kernel = m
+        .boot
+        .kernel_us
+        .expect("/init's boot-timer write marked init started");
+    let init = m.boot.init_us.expect("the init phase was measured");
+    let setup = m.boot.vmm_setup_us.expect("the first KVM_RUN was recorded");
+    assert_eq!(
+        Some(setup + kernel + init),
+        m.boot.total_us,
+        "the phases are in order and add up: {:?}",
+        m.boot
+    );
+    assert!(kernel > 0 && init > 0, "{:?}", m.boot);
+    assert_eq!(vm.kill().reason, ExitReason::Stopped);
+}
+
 #[test]
 fn spawn_default_readiness() {
     const T: &str = "spawn_default_readiness";

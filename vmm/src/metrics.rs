@@ -93,7 +93,8 @@ impl Timeline {
     pub fn mark_first_kvm_run(&self) {
         self.mark(&self.first_kvm_run);
     }
-    /// Records the console line `Run /init as init process`.
+    /// Records that `/init` started: the console line `Run /init as init
+    /// process`, or `/init`'s write of 1 to the boot timer (the first counts).
     pub fn mark_init_started(&self) {
         self.mark(&self.init_started);
     }
@@ -110,7 +111,7 @@ impl Timeline {
     pub fn first_kvm_run_us(&self) -> Option<u64> {
         self.first_kvm_run.get().copied()
     }
-    /// `Run /init as init process` seen, if any.
+    /// `/init` started (see [`Timeline::mark_init_started`]), if it has.
     pub fn init_started_us(&self) -> Option<u64> {
         self.init_started.get().copied()
     }
@@ -133,11 +134,12 @@ pub struct RunMetrics {
     pub start_us: u64,
     /// Start to the first `KVM_RUN` (VMM setup time).
     pub first_kvm_run_us: Option<u64>,
-    /// Start to the console line `Run /init as init process`.
+    /// Start to `/init`'s start: the console line `Run /init as init
+    /// process` or `/init`'s write of 1 to the boot timer, the first of the two.
     pub init_started_us: Option<u64>,
     /// Start to a `Kernel panic` console line.
     pub kernel_panic_us: Option<u64>,
-    /// Start to the guest's write of 123 to the boot timer.
+    /// Start to the guest's write of 123 to the boot timer (ready).
     pub boot_timer_us: Option<u64>,
     /// Start to the end of the VM.
     pub end_us: u64,

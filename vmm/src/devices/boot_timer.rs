@@ -1,7 +1,15 @@
-//! Boot timer: a one-register MMIO device. The guest's init writes the magic
-//! value 123 at offset 0 when it is ready (Toybox: `devmem <addr> 8 123`, or a
-//! 32-bit write of 123); the first such write is recorded on the timeline.
-//! Any other value, offset or a non-zero high byte is ignored. Reads return 0.
+//! Boot timer: a one-register MMIO device through which the guest's init
+//! marks the VMM's timeline, so that the timeline needs no console line (a
+//! quiet kernel prints none). Two values, written as one byte at offset 0
+//! (Toybox: `devmem <addr> 1 <value>`) or as a 32-bit write with zero high
+//! bytes:
+//! - [`BOOT_TIMER_INIT_STARTED`] (1): `/init` has started. The kernel's
+//!   `Run /init as init process` console line marks the same milestone; the
+//!   first of the two counts.
+//! - [`BOOT_TIMER_MAGIC`] (123): the guest is ready.
+//!
+//! Only the first write of each value counts. Any other value, offset or a
+//! non-zero high byte is ignored. Reads return 0.
 
 use std::sync::Arc;
 
@@ -10,6 +18,8 @@ use crate::metrics::Timeline;
 
 /// The magic value that marks "guest ready".
 pub const BOOT_TIMER_MAGIC: u8 = 123;
+/// The value that marks "/init started".
+pub const BOOT_TIMER_INIT_STARTED: u8 = 1;
 
 /// The boot timer device.
 pub struct BootTimer {
@@ -22,11 +32,15 @@ impl BootTimer {
         BootTimer { timeline }
     }
 
+    /// The value of a well-formed write (offset 0, high bytes zero).
+    fn value(offset: u64, data: &[u8]) -> Option<u8> {
+        let (&first, rest) = data.split_first()?;
+        (offset == 0 && rest.iter().all(|b| *b == 0)).then_some(first)
+    }
+
     /// Whether an access is the "ready" write.
     pub fn is_ready_write(offset: u64, data: &[u8]) -> bool {
-        offset == 0
-            && data.first() == Some(&BOOT_TIMER_MAGIC)
-            && data.iter().skip(1).all(|b| *b == 0)
+        Self::value(offset, data) == Some(BOOT_TIMER_MAGIC)
     }
 }
 
@@ -36,14 +50,22 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        if Self::is_ready_write(offset, data) {
-            self.timeline.mark_boot_timer();
-            tracing::info!(
-                us = self.timeline.boot_timer_us().unwrap_or(0),
-                "guest wrote the boot timer"
-            );
-        } else {
-            tracing::debug!(offset, ?data, "boot timer: ignored write");
+        match Self::value(offset, data) {
+            Some(BOOT_TIMER_MAGIC) => {
+                self.timeline.mark_boot_timer();
+                tracing::info!(
+                    us = self.timeline.boot_timer_us().unwrap_or(0),
+                    "guest wrote the boot timer"
+                );
+            }
+            Some(BOOT_TIMER_INIT_STARTED) => {
+                self.timeline.mark_init_started();
+                tracing::info!(
+                    us = self.timeline.init_started_us().unwrap_or(0),
+                    "guest /init started"
+                );
+            }
+            _ => tracing::debug!(offset, ?data, "boot timer: ignored write"),
         }
     }
 }
@@ -75,5 +97,20 @@ mod tests {
             Some(first),
             "only the first write counts"
         );
+    }
+
+    #[test]
+    fn one_marks_init_started_and_not_ready() {
+        let t = Arc::new(Timeline::new(Instant::now()));
+        let bt = BootTimer::new(t.clone());
+        bt.write(1, &[1]);
+        bt.write(0, &[1, 1]);
+        assert_eq!(t.init_started_us(), None);
+        bt.write(0, &[1, 0, 0, 0]);
+        let at = t.init_started_us().expect("recorded");
+        assert_eq!(t.boot_timer_us(), None, "init started is not ready");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        bt.write(0, &[1]);
+        assert_eq!(t.init_started_us(), Some(at), "only the first write counts");
     }
 }

@@ -822,7 +822,7 @@ pub fn i8042(cases: u32) -> u64 {
 /// Boot timer write storms. Returns the cases run.
 pub fn boot_timer(cases: u32) -> u64 {
     let data = prop::collection::vec(
-        prop_oneof![3 => Just(0u8), 3 => Just(123u8), 2 => any::<u8>()],
+        prop_oneof![3 => Just(0u8), 3 => Just(123u8), 2 => Just(1u8), 2 => any::<u8>()],
         0..9,
     );
     let strategy = prop::collection::vec(
@@ -836,18 +836,20 @@ pub fn boot_timer(cases: u32) -> u64 {
     run("boot_timer", cases, strategy, |ops| {
         let timeline = Arc::new(Timeline::new(Instant::now()));
         let bt = BootTimer::new(timeline.clone());
-        let mut ready = false;
+        let (mut ready, mut init) = (false, false);
         for (off, data, is_read) in &ops {
             if *is_read {
                 let mut b = data.clone();
                 bt.read(*off, &mut b);
                 prop_assert!(b.iter().all(|x| *x == 0));
             } else {
-                ready |=
-                    *off == 0 && data.first() == Some(&123) && data[1..].iter().all(|b| *b == 0);
+                let well_formed = *off == 0 && data.iter().skip(1).all(|b| *b == 0);
+                ready |= well_formed && data.first() == Some(&123);
+                init |= well_formed && data.first() == Some(&1);
                 bt.write(*off, data);
             }
             prop_assert_eq!(timeline.boot_timer_us().is_some(), ready);
+            prop_assert_eq!(timeline.init_started_us().is_some(), init);
         }
         Ok(())
     })
