@@ -104,6 +104,11 @@ pub struct Config {
     pub vcpus: u8,
     /// Added to the kernel command line, after the VMM's own.
     pub cmdline_extra: Vec<String>,
+    /// Print the kernel's log on the console (default off: the kernel boots
+    /// `quiet`, so only its errors and panics reach the console, and no byte
+    /// of a boot log costs a VM exit). The boot phases do not need it:
+    /// `/init` marks them through the boot-timer device.
+    pub kernel_log: bool,
     pub network: Network,
     /// Echo console lines to this process's stdout as they arrive.
     pub echo_console: bool,
@@ -133,6 +138,7 @@ impl Default for Config {
             mem_mib: 128,
             vcpus: 1,
             cmdline_extra: Vec::new(),
+            kernel_log: false,
             network: Network::default(),
             echo_console: false,
             console_limit: 1 << 20,
@@ -203,12 +209,24 @@ impl Config {
         let mut vmc = osso_vmm::VmConfig::new(osso_vmm::BootSource::Kernel { kernel, initrd });
         vmc.mem_mib = self.mem_mib;
         vmc.vcpus = self.vcpus;
-        vmc.cmdline_extra = (!self.cmdline_extra.is_empty()).then(|| self.cmdline_extra.join(" "));
+        vmc.cmdline_extra = self.cmdline_tail();
         vmc.timeout = self.lifetime;
         vmc.console_lines = Some(lines);
         vmc.start = Some(start);
         vmc.seccomp = self.seccomp;
         vmc
+    }
+
+    /// What the SDK adds to the VMM's command line: `quiet` unless the
+    /// kernel's log is wanted, then the caller's additions (last, so that
+    /// they can override it, say with `loglevel=`).
+    fn cmdline_tail(&self) -> Option<String> {
+        let quiet = (!self.kernel_log).then_some("quiet");
+        let parts: Vec<&str> = quiet
+            .into_iter()
+            .chain(self.cmdline_extra.iter().map(String::as_str))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
     }
 
     /// The VMM's options for a restore (the host side only: RAM, vCPUs and
@@ -290,6 +308,12 @@ impl ConfigBuilder {
     /// Append to the kernel command line.
     pub fn cmdline(mut self, extra: impl Into<String>) -> Self {
         self.0.cmdline_extra.push(extra.into());
+        self
+    }
+    /// Print the kernel's whole log on the console (default off: a quiet
+    /// kernel, whose errors and panics still reach the console).
+    pub fn kernel_log(mut self, on: bool) -> Self {
+        self.0.kernel_log = on;
         self
     }
     /// No network device.
@@ -397,6 +421,19 @@ mod tests {
             .build();
         assert_eq!((c.mem_mib, c.vcpus), (256, 2));
         assert_eq!(c.cmdline_extra, ["quiet"]);
+        assert_eq!(c.cmdline_tail().as_deref(), Some("quiet quiet"));
+        let logged = Config::builder().kernel_log(true).build();
+        assert_eq!(
+            logged.cmdline_tail(),
+            None,
+            "the kernel's log, nothing added"
+        );
+        let stay = Config::builder().cmdline("osso.stay").build();
+        assert_eq!(
+            stay.cmdline_tail().as_deref(),
+            Some("quiet osso.stay"),
+            "quiet by default, the caller's words last"
+        );
         assert_eq!(
             c.network,
             Network::User {

@@ -35,6 +35,8 @@ fn image_built(check: &str) -> Option<osso_guest::Image> {
 fn parked_kernel(image: &osso_guest::Image) -> osso_sdk::ConfigBuilder {
     Config::builder()
         .custom_image(image.vmlinux(), None)
+        // These tests read the kernel's own lines (banner, IP-Config).
+        .kernel_log(true)
         .cmdline(PARKED)
         .boot_timeout(BOOT_LIMIT)
 }

@@ -156,6 +156,8 @@ fn boot_timer_spawn_to_ready() {
         image
             .config()
             .cmdline("osso.stay")
+            // The kernel's log on: the `Run /init` line is checked below.
+            .kernel_log(true)
             .ready_when(ReadyWhen::BootTimer)
             .build(),
     )
@@ -214,9 +216,9 @@ fn boot_timer_spawn_to_ready() {
     assert_eq!(vm.kill().reason, ExitReason::Stopped);
 }
 
-/// The VMM's timeline needs no console line: with the kernel quiet (no
-/// `Run /init as init process` on the console), `/init`'s write of 1 to the
-/// boot timer marks init started, and its 123 marks ready.
+/// The VMM's timeline needs no console line: with the kernel quiet (the
+/// SDK's default: no `Run /init as init process` on the console), `/init`'s
+/// write of 1 to the boot timer marks init started, and its 123 marks ready.
 #[test]
 fn quiet_kernel_keeps_the_timeline() {
     const T: &str = "quiet_kernel_keeps_the_timeline";
@@ -227,7 +229,7 @@ fn quiet_kernel_keeps_the_timeline() {
     let vm = osso_sdk::spawn(
         image
             .config()
-            .cmdline("quiet osso.stay")
+            .cmdline("osso.stay")
             .ready_when(ReadyWhen::BootTimer)
             .build(),
     )
