@@ -181,13 +181,7 @@ impl Machine {
     fn pause_vcpus(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         self.paused.store(true, Ordering::SeqCst);
-        let parked: Vec<_> = (0..self.vcpu_count)
-            .map(|i| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                self.shared.tell(i, VcpuRequest::Pause(tx));
-                rx
-            })
-            .collect();
+        let parked = self.tell_each(VcpuRequest::Pause);
         self.shared.kick_all();
         for (i, rx) in parked.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -202,6 +196,21 @@ impl Machine {
         Ok(())
     }
 
+    /// Sends each vCPU, in index order, the request `make` builds around a
+    /// reply channel of its own; returns the receiving ends.
+    fn tell_each<T>(
+        &self,
+        make: impl Fn(std::sync::mpsc::Sender<T>) -> VcpuRequest,
+    ) -> Vec<std::sync::mpsc::Receiver<T>> {
+        (0..self.vcpu_count)
+            .map(|i| {
+                let (reply, rx) = std::sync::mpsc::channel();
+                self.shared.tell(i, make(reply));
+                rx
+            })
+            .collect()
+    }
+
     /// Asks every parked vCPU for its state, in index order.
     fn save_vcpus(
         &self,
@@ -210,19 +219,11 @@ impl Machine {
     ) -> Result<Vec<crate::kvm::vcpu::state::VcpuState>, String> {
         let deadline = Instant::now() + timeout;
         let msr_list: Arc<[u32]> = msr_list.into();
-        let replies: Vec<_> = (0..self.vcpu_count)
-            .map(|i| {
-                let (reply, rx) = std::sync::mpsc::channel();
-                self.shared.tell(
-                    i,
-                    VcpuRequest::SaveState {
-                        msr_list: msr_list.clone(),
-                        reply,
-                    },
-                );
-                rx
-            })
-            .collect();
+        // Parked vCPUs wait on their channel: no kick needed.
+        let replies = self.tell_each(|reply| VcpuRequest::SaveState {
+            msr_list: msr_list.clone(),
+            reply,
+        });
         let mut out = Vec::with_capacity(self.vcpu_count);
         for (i, rx) in replies.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -298,11 +299,11 @@ impl Machine {
         self.serial.enqueue_input(bytes)
     }
 
-    /// Waits for the VM to end (by itself, a stop, or the timeout), joins the
-    /// vCPU threads and returns the reason and the metrics. Takes `&self` so
-    /// that the machine can be shared (`Arc<Machine>`) with a caller taking
-    /// snapshots; a second call returns at once.
-    pub fn wait(&self) -> RunOutcome {
+    /// Waits for the VM to end (by itself, a stop, or the timeout) and joins
+    /// its vCPU threads, measuring nothing: what an owner that only tears
+    /// the VM down needs. [`Machine::wait`] does this, then takes the
+    /// metrics. A second call returns at once.
+    pub fn join(&self) {
         {
             let mut exit = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner());
             while exit.is_none() {
@@ -318,6 +319,14 @@ impl Machine {
         self.shared.kick_all();
         let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
         join_all(&self.shared, handles);
+    }
+
+    /// Waits for the VM to end (by itself, a stop, or the timeout), joins the
+    /// vCPU threads and returns the reason and the metrics. Takes `&self` so
+    /// that the machine can be shared (`Arc<Machine>`) with a caller taking
+    /// snapshots; a second call returns at once.
+    pub fn wait(&self) -> RunOutcome {
+        self.join();
         let exit = self.shared.reason().unwrap_or(ExitReason::Stopped);
         let mem = memory_figures(&self.mem);
         let t = &self.timeline;
